@@ -1,0 +1,356 @@
+"""The public face of every form: validation, varlen, initial/final state, gradient bookkeeping.
+
+An op module writes only dense math ("cores"), e.g.
+
+    @forward_form(SPEC)
+    def recurrent(q, k, v, g, *, scale, initial_state):       # dense [B, T, ...], h0 always given
+        ...
+        return o, final_state
+
+and the decorator turns it into the public function
+
+    recurrent(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
+              cu_seqlens=None) -> (o, final_state or None)
+
+The decorators below do, for every op alike:
+  1. check every array against the op's SPEC (shape letters, dtype, NaN/Inf, log gates <= 0),
+     the scale, the chunk size and cu_seqlens, with errors that name the argument;
+  2. resolve ``scale=None`` to the op's default (K^-1/2 for most ops);
+  3. materialise a zero initial state (and a zero final-state cotangent ``dht``) when none is
+     given, so cores never branch on None;
+  4. run packed sequences (``cu_seqlens``) one segment at a time: a segment is a B=1 call with its
+     own initial state, which is exactly "the state resets at each boundary"; zero-length
+     segments pass their initial state through untouched;
+  5. drop the final state unless ``output_final_state=True``.
+Cores receive and return plain arrays; states are an array or, for ops with several state parts
+(mLSTM), a tuple of arrays.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from types import SimpleNamespace
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy as np
+
+from . import _validation as V
+from ._spec import Arg, OpSpec, bind_default_options
+
+DEFAULT_CHUNK_SIZE = 64
+
+
+# ---------------------------------------------------------------------------- state trees
+def tree_map(fn: Callable, *trees):
+    """Apply fn leafwise to states that are an array or a tuple of arrays."""
+    if isinstance(trees[0], tuple):
+        return tuple(fn(*leaves) for leaves in zip(*trees))
+    return fn(*trees)
+
+
+def tree_concat(trees: Sequence, axis: int = 0):
+    if isinstance(trees[0], tuple):
+        return tuple(np.concatenate([t[i] for t in trees], axis=axis) for i in range(len(trees[0])))
+    return np.concatenate(trees, axis=axis)
+
+
+def _state_tree(state_args: Sequence[Arg], parts):
+    return tuple(parts) if len(state_args) > 1 else parts[0]
+
+
+def _leaf_dtype(arg: Arg, real_dtype: np.dtype) -> np.dtype:
+    return V.COMPLEX_OF[real_dtype] if arg.kind == "complex" else real_dtype
+
+
+def _zeros_for(arg: Arg, sizes: Dict[str, int], real_dtype: np.dtype, override: Optional[dict] = None):
+    sz = dict(sizes, **(override or {}))
+    return np.zeros(tuple(sz[d] for d in arg.dims), dtype=_leaf_dtype(arg, real_dtype))
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_state(spec: OpSpec, state_args, name: str, value, binder: V.Binder, real_dtype, drop=""):
+    """Validate an initial state / final-state cotangent (array, or tuple for tuple states)."""
+    if value is None:
+        return None
+    is_tuple = len(state_args) > 1
+    parts = value if is_tuple else (value,)
+    if is_tuple and (not isinstance(value, (tuple, list)) or len(value) != len(state_args)):
+        described = ", ".join(f"{a.name}: [{', '.join(a.dims)}]" for a in state_args)
+        raise TypeError(
+            f"{spec.name}: argument '{name}' must be a tuple ({described}), got {type(value).__name__}"
+        )
+    for arg, x in zip(state_args, parts):
+        label = name if not is_tuple else f"{name}.{arg.name}"
+        x = V.require_ndarray(spec.name, label, x)
+        dims = "".join(d for d in arg.dims if d not in drop)
+        binder.bind(label, x, dims)
+        want = _leaf_dtype(arg, real_dtype)
+        if x.dtype != want:
+            raise V.InputError(
+                f"{spec.name}: argument '{label}' has dtype {x.dtype}; expected {want} "
+                "(the state dtype follows the inputs; nothing is cast implicitly)"
+            )
+        V.check_values(spec.name, Arg(label, arg.dims, kind=arg.kind), x)
+    return _state_tree(state_args, parts)
+
+
+def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = False,
+             step: bool = False, names: Optional[Sequence[str]] = None) -> SimpleNamespace:
+    """Validate one call's arguments; return what a core needs (inputs, scale, state, ...)."""
+    op = spec.name
+    binder = V.Binder(op)
+    drop = "T" if step else ""
+    args = [a for a in spec.inputs if names is None or a.name in names]
+    dtype = V.check_arrays(op, args, values, binder, drop=drop)
+    p = SimpleNamespace(inputs={a.name: values.get(a.name) for a in args}, dtype=dtype)
+    p.scale = V.check_scale(op, values.get("scale")) if spec.default_scale is not None else None
+    if spec.default_scale is not None and p.scale is None:
+        p.scale = float(spec.default_scale(binder.sizes))
+    p.options = bind_default_options(spec, values.get("options", {}))
+    if names is not None:  # attention_matrix: no state, no varlen
+        p.sizes = binder.sizes
+        return p
+    if chunked:
+        p.chunk_size = V.check_chunk_size(op, values.get("chunk_size"))
+    p.cu_seqlens = None
+    if not step and values.get("cu_seqlens") is not None:
+        p.cu_seqlens = V.check_cu_seqlens(op, values["cu_seqlens"], binder.sizes["B"], binder.sizes["T"])
+        binder.sizes["N"], binder.source["N"] = len(p.cu_seqlens) - 1, "cu_seqlens (number of segments)"
+    else:
+        binder.sizes["N"], binder.source["N"] = binder.sizes["B"], "the batch size B"
+    state_name = "state" if step else "initial_state"
+    p.state_args = sargs = spec.state_args(p.options)
+    h0 = _check_state(spec, sargs, state_name, values.get(state_name), binder, dtype, drop)
+    p.has_initial_state = h0 is not None
+    if h0 is None:
+        h0 = _state_tree(sargs, [_zeros_for(a, binder.sizes, dtype) for a in sargs])
+    p.initial_state = h0
+    if vjp:
+        do_arg = Arg("do", spec.output)
+        V.check_arrays(op, [do_arg], values, binder, real_dtype=dtype)
+        p.do = values["do"]
+        dht = _check_state(spec, sargs, "dht", values.get("dht"), binder, dtype)
+        if dht is None:
+            dht = _state_tree(sargs, [_zeros_for(a, binder.sizes, dtype) for a in sargs])
+        p.dht = dht
+    p.sizes = binder.sizes
+    return p
+
+
+# ---------------------------------------------------------------------------- signatures
+_P = inspect.Parameter
+
+
+def _signature(spec: OpSpec, *, chunked=False, vjp=False, step=False, names=None) -> inspect.Signature:
+    params = []
+    for a in spec.inputs:
+        if names is not None and a.name not in names:
+            continue
+        default = None if a.optional else _P.empty
+        params.append(_P(a.name, _P.POSITIONAL_OR_KEYWORD, default=default))
+    if vjp:
+        params.append(_P("do", _P.POSITIONAL_OR_KEYWORD))
+    if step:
+        params.append(_P("state", _P.POSITIONAL_OR_KEYWORD, default=None))
+    kw = []
+    if vjp:
+        kw.append(("dht", None))
+    if spec.default_scale is not None:
+        kw.append(("scale", None))
+    if names is None and not step:
+        kw.append(("initial_state", None))
+        if not vjp:
+            kw.append(("output_final_state", False))
+        kw.append(("cu_seqlens", None))
+    if chunked:
+        kw.append(("chunk_size", DEFAULT_CHUNK_SIZE))
+    kw.extend(spec.options.items())
+    params += [_P(n, _P.KEYWORD_ONLY, default=d) for n, d in kw]
+    return inspect.Signature(params)
+
+
+def _bind(spec: OpSpec, sig: inspect.Signature, args, kwargs) -> dict:
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as e:
+        raise TypeError(f"{spec.name}: {e}; signature is {sig}") from None
+    bound.apply_defaults()
+    values = dict(bound.arguments)
+    values["options"] = {k: values.pop(k) for k in list(spec.options)}
+    return values
+
+
+def _publish(form, core, sig, doc_extra: str):
+    functools.update_wrapper(form, core)
+    form.__signature__ = sig
+    form.__doc__ = (core.__doc__ or "") + doc_extra
+    form.core = core  # the dense math without checks, for backends and tests
+    return form
+
+
+_FORWARD_DOC = """
+    Common arguments (checked, see linrec_ref._forms):
+        scale: float or None (None -> the op's default, K^-1/2 unless the op says otherwise).
+        initial_state: state [N, ...] or None (zeros); N = B, or the number of segments.
+        output_final_state: return the final state (else None is returned in its place).
+        cu_seqlens: int array [N+1] of offsets packing N sequences along T (B must be 1).
+    Returns (o, final_state or None).
+"""
+
+_VJP_DOC = """
+    Vector-Jacobian product. Arguments as the forward form, plus
+        do:  cotangent of the output o.
+        dht: cotangent of the final state (None -> zero).
+    Returns a dict {input name: gradient, ..., "initial_state": gradient or None}; gradients have
+    the shapes and dtypes of their inputs.
+"""
+
+
+# ---------------------------------------------------------------------------- decorators
+def forward_form(spec: OpSpec, *, chunked: bool = False):
+    """Wrap a dense forward core ``core(*inputs, scale, initial_state, [chunk_size], **options)``."""
+
+    def decorate(core):
+        sig = _signature(spec, chunked=chunked)
+
+        def form(*args, **kwargs):
+            values = _bind(spec, sig, args, kwargs)
+            p = _prepare(spec, values, chunked=chunked)
+            kw = _core_kwargs(spec, p, chunked)
+            if p.cu_seqlens is None:
+                o, ht = core(**p.inputs, initial_state=p.initial_state, **kw)
+            else:
+                o, ht = _forward_varlen(spec, core, p, kw)
+            return o, (ht if values["output_final_state"] else None)
+
+        return _publish(form, core, sig, _FORWARD_DOC)
+
+    return decorate
+
+
+def vjp_form(spec: OpSpec, *, chunked: bool = False):
+    """Wrap a dense VJP core ``core(*inputs, do, dht, scale, initial_state, ...) -> dict``."""
+
+    def decorate(core):
+        sig = _signature(spec, chunked=chunked, vjp=True)
+
+        def form(*args, **kwargs):
+            values = _bind(spec, sig, args, kwargs)
+            p = _prepare(spec, values, chunked=chunked, vjp=True)
+            kw = _core_kwargs(spec, p, chunked)
+            if p.cu_seqlens is None:
+                grads = core(**p.inputs, do=p.do, dht=p.dht, initial_state=p.initial_state, **kw)
+            else:
+                grads = _vjp_varlen(spec, core, p, kw)
+            out = {n: (grads.get(n) if p.inputs.get(n) is not None else None) for n in spec.differentiable}
+            out["initial_state"] = grads["initial_state"] if p.has_initial_state else None
+            return out
+
+        return _publish(form, core, sig, _VJP_DOC)
+
+    return decorate
+
+
+def _core_kwargs(spec: OpSpec, p, chunked: bool) -> dict:
+    kw = dict(p.options)
+    if spec.default_scale is not None:
+        kw["scale"] = p.scale
+    if chunked:
+        kw["chunk_size"] = p.chunk_size
+    return kw
+
+
+def _segments(p):
+    cu = p.cu_seqlens
+    for n in range(len(cu) - 1):
+        yield n, int(cu[n]), int(cu[n + 1])
+
+
+def _segment_inputs(spec: OpSpec, inputs: dict, lo: int, hi: int) -> dict:
+    return {
+        name: (x[:, lo:hi] if x is not None and spec.arg(name).per_token else x)
+        for name, x in inputs.items()
+    }
+
+
+def _forward_varlen(spec: OpSpec, core, p, kw):
+    outs, finals = [], []
+    for n, lo, hi in _segments(p):
+        h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
+        if hi == lo:  # zero-length segment: no output, the state passes through
+            shape = (1, 0) + tuple(p.sizes[d] for d in spec.output[2:])
+            outs.append(np.zeros(shape, dtype=p.dtype))
+            finals.append(h0)
+            continue
+        o, ht = core(**_segment_inputs(spec, p.inputs, lo, hi), initial_state=h0, **kw)
+        outs.append(o)
+        finals.append(ht)
+    return np.concatenate(outs, axis=1), tree_concat(finals, axis=0)
+
+
+def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
+    per_token = {n: [] for n, x in p.inputs.items() if x is not None and spec.arg(n).per_token}
+    shared = {n: None for n, x in p.inputs.items() if x is not None and not spec.arg(n).per_token}
+    dh0 = []
+    for n, lo, hi in _segments(p):
+        h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
+        dht = tree_map(lambda s: s[n:n + 1], p.dht)
+        if hi == lo:  # the segment is the identity map on the state
+            for name in per_token:
+                per_token[name].append(p.inputs[name][:, lo:hi] * 0)
+            dh0.append(dht)
+            continue
+        g = core(**_segment_inputs(spec, p.inputs, lo, hi), do=p.do[:, lo:hi], dht=dht,
+                 initial_state=h0, **kw)
+        for name in per_token:
+            per_token[name].append(g[name])
+        for name in shared:
+            if name in g:
+                shared[name] = g[name] if shared[name] is None else tree_map(np.add, shared[name], g[name])
+        dh0.append(g["initial_state"])
+    grads = {name: np.concatenate(parts, axis=1) for name, parts in per_token.items()}
+    for name, val in shared.items():
+        grads[name] = val if val is not None else np.zeros_like(p.inputs[name])
+    grads["initial_state"] = tree_concat(dh0, axis=0)
+    return grads
+
+
+def step_form(spec: OpSpec):
+    """Wrap a single-token core ``core(*inputs_without_T, state, scale, **options) -> (o, state)``."""
+
+    def decorate(core):
+        sig = _signature(spec, step=True)
+
+        def form(*args, **kwargs):
+            values = _bind(spec, sig, args, kwargs)
+            p = _prepare(spec, values, step=True)
+            kw = _core_kwargs(spec, p, False)
+            return core(**p.inputs, state=p.initial_state, **kw)
+
+        return _publish(form, core, sig, """
+    One decoding step: the inputs of a single token (the forward form's shapes without T) and
+    the state [B, ...] (None -> zeros). Returns (o_t, new_state). Memory O(state) per call.
+""")
+
+    return decorate
+
+
+def matrix_form(spec: OpSpec, names: Sequence[str]):
+    """Wrap ``core(*names, scale, **options) -> [B, H, T, T]`` (the implicit attention matrix)."""
+
+    def decorate(core):
+        sig = _signature(spec, names=tuple(names))
+
+        def form(*args, **kwargs):
+            values = _bind(spec, sig, args, kwargs)
+            p = _prepare(spec, values, names=tuple(names))
+            kw = _core_kwargs(spec, p, False)
+            return core(**p.inputs, **kw)
+
+        return _publish(form, core, sig, """
+    Returns the implicit attention matrix M [B, H, T, T] (lower triangular) such that the parallel
+    form's output is o[b, :, h] = M[b, h] @ v[b, :, h] (without initial state). For inspection and
+    plots; O(T^2) memory.
+""")
+
+    return decorate

@@ -1,0 +1,43 @@
+"""Random inputs for the regimes of numerics.md (used by every op's ``make_inputs``).
+
+All generators take an explicit ``numpy.random.Generator``; nothing uses global random state.
+Values are signed (N(0, 1)), never only U[0, 1] (numerics.md, hazard 11).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# regime name -> what it means for the decay a = exp(g)
+DECAY_REGIMES = {
+    "slow_decay": "a in [0.999, 0.9999] (long memory; g close to 0)",
+    "typical": "a ~ U(0.5, 0.99)",
+    "fast_forgetting": "a ~ U(0.05, 0.3) (chunk products underflow if factored naively)",
+    "hard_reset": "typical, with g = -inf (a = 0, an exact reset) at some steps",
+}
+
+
+def normal(rng: np.random.Generator, shape, dtype) -> np.ndarray:
+    """Signed N(0, 1) entries."""
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def log_decay(rng: np.random.Generator, shape, regime: str, dtype, time_axis: int = 1) -> np.ndarray:
+    """Natural-log decays g <= 0 for a regime of DECAY_REGIMES.
+
+    shape: the gate's shape, e.g. [B, T, H] or [B, T, H, K]; time_axis: the T axis. In
+    "hard_reset", every entry at the chosen steps is -inf (the whole state resets).
+    """
+    if regime not in DECAY_REGIMES:
+        raise ValueError(f"unknown regime {regime!r}; expected one of {sorted(DECAY_REGIMES)}")
+    lo, hi = {"slow_decay": (0.999, 0.9999), "typical": (0.5, 0.99),
+              "fast_forgetting": (0.05, 0.3), "hard_reset": (0.5, 0.99)}[regime]
+    g = np.log(rng.uniform(lo, hi, size=shape))
+    if regime == "hard_reset":
+        T = shape[time_axis]
+        resets = np.flatnonzero(rng.uniform(size=T) < 0.15)
+        if T > 1:
+            resets = np.union1d(resets, [T // 2])
+        index = [slice(None)] * len(shape)
+        index[time_axis] = resets
+        g[tuple(index)] = -np.inf
+    return g.astype(dtype)

@@ -1,0 +1,88 @@
+"""Helpers shared by the forms: stable segment sums, chunking, and a checkpointed reverse sweep.
+
+Numerical rule (numerics.md, hazard 1 and 2): a decay between positions s <= t is only ever
+computed as exp(sum of the log gates in (s, t]), which is <= 0 in the exponent. ``segsum`` builds
+those sums without subtracting cumulative sums, so a hard reset (g = -inf) gives an exact 0 and
+never -inf - (-inf) = NaN.
+"""
+from __future__ import annotations
+
+from typing import Callable, List
+
+import numpy as np
+
+
+def segsum(g: np.ndarray) -> np.ndarray:
+    """Stable segment sums of log gates along the last axis.
+
+    g: [..., T]  ->  [..., T, T] with out[..., t, s] = sum_{j=s+1..t} g[..., j] for s <= t
+    (0 on the diagonal) and -inf above the diagonal (s > t), so exp(out) is the causal decay mask.
+
+    Built as a cumulative sum of a masked copy (no difference of cumulative sums), so -inf gates
+    give -inf (an exact 0 after exp) and never NaN.
+    """
+    T = g.shape[-1]
+    x = np.broadcast_to(g[..., :, None], g.shape + (T,))          # x[..., t, s] = g_t
+    strictly_lower = np.tri(T, T, -1, dtype=bool)                  # s < t
+    x = np.where(strictly_lower, x, 0)                             # keep g_t only where t > s
+    out = np.cumsum(x, axis=-2)                                    # sum over s < j <= t
+    return np.where(np.tri(T, T, 0, dtype=bool), out, -np.inf)     # [..., T, T]
+
+
+def num_chunks(T: int, C: int) -> int:
+    return -(-T // C)
+
+
+def to_chunks(x: np.ndarray, C: int) -> np.ndarray:
+    """[B, T, H, ...] -> [B, H, N, C, ...], zero-padding T up to N*C (N = ceil(T / C)).
+
+    Zero padding is neutral for every op here: padded tokens have zero keys/inputs (no write)
+    and zero log gates (decay 1), so the carried state is unchanged by them.
+    """
+    B, T = x.shape[:2]
+    N = num_chunks(T, C)
+    pad = [(0, 0)] * x.ndim
+    pad[1] = (0, N * C - T)
+    x = np.pad(x, pad)                                             # [B, N*C, H, ...]
+    x = x.reshape((B, N, C) + x.shape[2:])                         # [B, N, C, H, ...]
+    return np.moveaxis(x, 3, 1)                                    # [B, H, N, C, ...]
+
+
+def from_chunks(x: np.ndarray, T: int) -> np.ndarray:
+    """[B, H, N, C, ...] -> [B, T, H, ...] (drops the padding)."""
+    B, H, N, C = x.shape[:4]
+    x = np.moveaxis(x, 1, 3)                                       # [B, N, C, H, ...]
+    x = x.reshape((B, N * C, H) + x.shape[4:])                     # [B, N*C, H, ...]
+    return x[:, :T]
+
+
+def reverse_cumsum(x: np.ndarray, axis: int) -> np.ndarray:
+    """out[i] = sum_{j >= i} x[j] along axis."""
+    return np.flip(np.cumsum(np.flip(x, axis), axis), axis)
+
+
+def reverse_sweep(advance: Callable, h0, T: int, visit: Callable, block: int = 64):
+    """Walk a recurrence backwards in time without storing all T states.
+
+    advance(S_prev, t) -> S_t is one step of the forward recurrence. After a forward pass,
+    visit(t, S_prev, S_t) is called for t = T-1, ..., 0 (the order a backward pass needs).
+
+    Memory: the state at the start of every block of ``block`` steps is kept (ceil(T/block)
+    states) and a block's states are recomputed when the sweep reaches it (block + 1 states),
+    so memory is O((T/block + block) * |S|), never O(T * |S|). Returns the final state S_T.
+    """
+    checkpoints: List = []
+    S = h0
+    for t0 in range(0, T, block):
+        checkpoints.append(S)
+        for t in range(t0, min(t0 + block, T)):
+            S = advance(S, t)
+    final = S
+    for b in reversed(range(len(checkpoints))):
+        t0, t1 = b * block, min((b + 1) * block, T)
+        states = [checkpoints[b]]
+        for t in range(t0, t1):
+            states.append(advance(states[-1], t))
+        for t in reversed(range(t0, t1)):
+            visit(t, states[t - t0], states[t - t0 + 1])
+    return final

@@ -1,0 +1,255 @@
+"""Testing tools for users' own suites: tolerance tiers, one comparison function, input
+generators for the regimes of numerics.md, and a central finite-difference gradient checker.
+
+    >>> from linrec_ref import testing
+    >>> x = testing.make_inputs("gla", "fast_forgetting", T=64, dtype=np.float32)   # doctest: +SKIP
+    >>> o_ref, _ = linrec_ref.gla(**testing.as_float64(x), form="recurrent")       # doctest: +SKIP
+    >>> testing.assert_close(my_kernel(**x), o_ref, tier="float32")                # doctest: +SKIP
+
+The pass rule of a tier is elementwise:  |actual - ref| <= rtol * |ref| + atol * max|ref|.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, Optional, Sequence
+
+import numpy as np
+
+from . import registry
+from ._regimes import DECAY_REGIMES, log_decay, normal  # noqa: F401  (re-exported)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """rtol is relative to each reference entry; atol is relative to max |reference|."""
+
+    rtol: float
+    atol: float
+    what: str
+
+
+# The one tolerance table of numerics.md, used by every test and by `linrec check`.
+TOLERANCES: Dict[str, Tolerance] = {
+    "float64": Tolerance(1e-10, 1e-12, "float64 forms against each other (T <= 512)"),
+    "float32": Tolerance(1e-4, 1e-5, "float32 anything against the float64 reference"),
+    "fd": Tolerance(1e-6, 1e-8, "float64 gradients vs central finite differences (step ~1e-6)"),
+}
+
+
+def tier_for(dtype) -> str:
+    """The tier for comparing a result computed in ``dtype`` with the float64 reference."""
+    return "float64" if np.dtype(dtype) in (np.float64, np.complex128) else "float32"
+
+
+@dataclass
+class Comparison:
+    """The measured error of one comparison, next to its tolerance.
+
+    max_abs:   max |actual - ref|
+    max_rel:   max |actual - ref| / max |ref|  (normwise relative error; what reports quote)
+    max_elem_rel: max over entries of |actual - ref| / |ref| where |ref| > atol * max|ref|
+    max_ref:   max |ref|
+    rms_ratio: rms(actual - ref) / rms(ref)  (the "error ratio" other libraries report)
+    ok:        the tier's elementwise pass rule holds everywhere
+    """
+
+    name: str
+    max_abs: float
+    max_rel: float
+    max_elem_rel: float
+    max_ref: float
+    rms_ratio: float
+    tolerance: Tolerance
+    ok: bool
+
+    def __str__(self) -> str:
+        status = "ok" if self.ok else "FAIL"
+        return (f"{self.name}: max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} "
+                f"elem_rel={self.max_elem_rel:.3e} max|ref|={self.max_ref:.3e} "
+                f"rms_ratio={self.rms_ratio:.3e} (rtol={self.tolerance.rtol:g}, "
+                f"atol={self.tolerance.atol:g}*max|ref|) {status}")
+
+
+def _leaves(x, prefix=""):
+    """Flatten arrays / tuples / dicts of arrays into (name, array) pairs."""
+    if isinstance(x, dict):
+        for k, v in x.items():
+            yield from _leaves(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(x, (tuple, list)):
+        for i, v in enumerate(x):
+            yield from _leaves(v, f"{prefix}[{i}]")
+    elif x is not None:
+        yield prefix, np.asarray(x)
+
+
+def compare(actual, reference, tier: str = "float64", name: str = "value") -> Comparison:
+    """Measure the error of ``actual`` against ``reference`` (arrays, tuples or dicts of arrays).
+
+    Shapes must match exactly (no broadcasting). Several leaves are judged jointly: the
+    reported numbers are the worst over leaves, and max|ref| is taken per leaf.
+    """
+    tol = TOLERANCES[tier] if isinstance(tier, str) else tier
+    pairs_a, pairs_r = list(_leaves(actual)), list(_leaves(reference))
+    if [n for n, _ in pairs_a] != [n for n, _ in pairs_r]:
+        raise ValueError(f"{name}: structures differ: {[n for n, _ in pairs_a]} vs {[n for n, _ in pairs_r]}")
+    worst = dict(max_abs=0.0, max_rel=0.0, max_elem_rel=0.0, max_ref=0.0, rms_ratio=0.0)
+    ok = True
+    for (leaf, a), (_, r) in zip(pairs_a, pairs_r):
+        if a.shape != r.shape:
+            raise ValueError(f"{name}{leaf}: shape {a.shape} differs from the reference's {r.shape}")
+        if a.size == 0:
+            continue
+        a64 = a.astype(np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(r) else np.float64)
+        r64 = r.astype(a64.dtype)
+        if not np.isfinite(a64).all():
+            ok = False
+            worst["max_abs"] = worst["max_rel"] = float("inf")
+            continue
+        err = np.abs(a64 - r64)
+        mag = np.abs(r64)
+        max_ref = float(mag.max())
+        floor = tol.atol * max_ref
+        ok &= bool(np.all(err <= tol.rtol * mag + floor))
+        big = mag > max(floor, np.finfo(np.float64).tiny)
+        rms_ref = float(np.sqrt(np.mean(mag ** 2)))
+        worst["max_abs"] = max(worst["max_abs"], float(err.max()))
+        worst["max_rel"] = max(worst["max_rel"], float(err.max()) / max_ref if max_ref > 0 else float(err.max()))
+        worst["max_elem_rel"] = max(worst["max_elem_rel"], float((err[big] / mag[big]).max()) if big.any() else 0.0)
+        worst["max_ref"] = max(worst["max_ref"], max_ref)
+        worst["rms_ratio"] = max(worst["rms_ratio"],
+                                 float(np.sqrt(np.mean(err ** 2))) / rms_ref if rms_ref > 0 else float(err.max()))
+    return Comparison(name=name, tolerance=tol, ok=ok, **worst)
+
+
+def assert_close(actual, reference, tier: str = "float64", name: str = "value") -> Comparison:
+    """Raise AssertionError with the full report unless ``compare(...).ok``; return the report."""
+    c = compare(actual, reference, tier, name)
+    if not c.ok:
+        raise AssertionError(str(c))
+    return c
+
+
+# ------------------------------------------------------------------------- input generators
+def default_dims(op: str, **overrides) -> dict:
+    """The op's default sizes (B, T, H, K, V, ...) with overrides, e.g. default_dims("gla", T=64)."""
+    s = registry.spec(op)
+    dims = {"T": 16, **s.default_dims}
+    dims.update(overrides)
+    return dims
+
+
+def random_state(op: str, dims: dict, dtype=np.float64, rng=None, scale: float = 1.0,
+                 options: Optional[dict] = None):
+    """A random state [N, ...] (tuple for tuple states) with N = dims["N"] or dims["B"]."""
+    s = registry.spec(op)
+    state_args = s.state_args(options)
+    rng = np.random.default_rng(0) if rng is None else rng
+    sizes = dict(dims)
+    sizes.setdefault("N", dims["B"])
+    parts = []
+    for arg in state_args:
+        shape = tuple(sizes[d] for d in arg.dims)
+        x = scale * rng.standard_normal(shape)
+        if arg.kind == "complex":
+            x = x + 1j * scale * rng.standard_normal(shape)
+            dt = np.complex64 if np.dtype(dtype) == np.float32 else np.complex128
+        else:
+            dt = dtype
+        parts.append(x.astype(dt))
+    return tuple(parts) if len(state_args) > 1 else parts[0]
+
+
+def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int = 0,
+                variant: str = "default", initial_state: bool = False, **dims) -> dict:
+    """Valid random inputs of op for a regime, as keyword arguments of its forms.
+
+    dims override the op's default sizes (e.g. T=257). With initial_state=True a random
+    ``initial_state`` is included. The variant's options are included too.
+    """
+    s = registry.spec(op)
+    if regime not in s.regimes:
+        raise ValueError(f"{op}: regime {regime!r} does not apply; its regimes are {s.regimes}")
+    if variant not in s.variants:
+        raise ValueError(f"{op}: unknown variant {variant!r}; expected one of {list(s.variants)}")
+    rng = np.random.default_rng(seed)
+    d = default_dims(op, **dims)
+    x = s.make_inputs(rng, regime, d, np.dtype(dtype), variant)
+    x.update(s.variants[variant])
+    if initial_state:
+        x["initial_state"] = random_state(op, d, dtype, rng, options=s.variants[variant])
+    return x
+
+
+def as_float64(inputs: dict) -> dict:
+    """Promote every float32/complex64 array of an input dict (states included) to 64-bit."""
+    def up(x):
+        if isinstance(x, tuple):
+            return tuple(up(v) for v in x)
+        if isinstance(x, np.ndarray) and x.dtype == np.float32:
+            return x.astype(np.float64)
+        if isinstance(x, np.ndarray) and x.dtype == np.complex64:
+            return x.astype(np.complex128)
+        return x
+    return {k: up(v) for k, v in inputs.items()}
+
+
+def inner(a, b) -> float:
+    """Re <a, b> summed over all leaves: the pairing of a cotangent with a value."""
+    return float(sum(np.real(np.vdot(x, y)) for (_, x), (_, y) in zip(_leaves(a), _leaves(b))))
+
+
+# ------------------------------------------------------------------------- finite differences
+def fd_check(loss: Callable[[dict], float], inputs: dict, grads: dict, names: Iterable[str], *,
+             rng=None, eps: float = 1e-6, n_directions: int = 2, n_entries: int = 4,
+             tier: str = "fd") -> Dict[str, Comparison]:
+    """Check analytic gradients against central finite differences of a scalar loss.
+
+    loss:   loss(inputs) -> float (e.g. <do, o> + <dht, final_state>).
+    grads:  {name: analytic gradient}, same shapes as inputs[name] (tuples allowed for states).
+    For every name, compares (a) directional derivatives along ``n_directions`` random N(0,1)
+    directions, and (b) the partial derivatives of the ``n_entries`` largest-magnitude entries
+    of the gradient plus as many random entries. Complex inputs are perturbed in their real and
+    imaginary parts (gradient convention: dL/dRe + i dL/dIm). Entries equal to -inf (hard
+    resets) are not perturbed. Returns {name: Comparison} (fd value as the reference).
+    """
+    rng = np.random.default_rng(1) if rng is None else rng
+    out = {}
+    for name in names:
+        x0, g = inputs[name], grads[name]
+        leaves_x = [l for _, l in _leaves(x0)]
+        leaves_g = [l for _, l in _leaves(g)]
+        fd_vals, an_vals = [], []
+
+        def perturbed(deltas, sign):
+            new = [xl + sign * eps * dl for xl, dl in zip(leaves_x, deltas)]
+            value = tuple(new) if isinstance(x0, tuple) else new[0]
+            return loss({**inputs, name: value})
+
+        def directional(deltas):
+            fd_vals.append((perturbed(deltas, +1) - perturbed(deltas, -1)) / (2 * eps))
+            an_vals.append(sum(float(np.real(np.vdot(gl, dl))) for gl, dl in zip(leaves_g, deltas)))
+
+        finite = [np.isfinite(xl) for xl in leaves_x]
+        for _ in range(n_directions):
+            deltas = []
+            for xl, fin in zip(leaves_x, finite):
+                d = rng.standard_normal(xl.shape)
+                if np.iscomplexobj(xl):
+                    d = d + 1j * rng.standard_normal(xl.shape)
+                deltas.append((d * fin).astype(xl.dtype))
+            directional(deltas)
+        for li, (xl, gl, fin) in enumerate(zip(leaves_x, leaves_g, finite)):
+            if xl.size == 0:
+                continue
+            mag = np.where(fin, np.abs(gl), -1).ravel()
+            picks = list(np.argsort(mag)[::-1][:n_entries]) + list(rng.integers(0, xl.size, n_entries))
+            for flat in picks:
+                if not fin.ravel()[flat]:
+                    continue
+                parts = [1.0] + ([1j] if np.iscomplexobj(xl) else [])
+                for unit in parts:
+                    deltas = [np.zeros_like(l) for l in leaves_x]
+                    deltas[li].ravel()[flat] = unit
+                    directional(deltas)
+        out[name] = compare(np.array(an_vals), np.array(fd_vals), tier, name=f"d{name} vs FD")
+    return out
