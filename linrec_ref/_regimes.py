@@ -34,7 +34,9 @@ def log_decay(rng: np.random.Generator, shape, regime: str, dtype, time_axis: in
     g = np.log(rng.uniform(lo, hi, size=shape))
     if regime == "hard_reset":
         T = shape[time_axis]
+        # never at t = 0, so that an initial state still matters before the first reset
         resets = np.flatnonzero(rng.uniform(size=T) < 0.15)
+        resets = resets[resets > 0]
         if T > 1:
             resets = np.union1d(resets, [T // 2])
         index = [slice(None)] * len(shape)
