@@ -1,0 +1,91 @@
+"""linrec_ref: a readable NumPy reference of linear recurrent sequence models.
+
+Every op exists in three forms that agree in float64 (``recurrent``, the definition; ``parallel``,
+the quadratic attention-like form; ``chunkwise``, the form fast kernels use) plus ``step`` for
+decoding, each with a hand-written backward (``<form>_vjp``). Conventions follow the field's main
+GPU library: layout [B, T, H, D], natural-log decays g <= 0, ``scale=None`` -> K^-1/2,
+``initial_state`` / ``output_final_state`` returning ``(o, final_state)``, ``cu_seqlens`` varlen.
+
+    import numpy as np, linrec_ref
+    q, k, v = (np.random.randn(1, 64, 2, 16) for _ in range(3))
+    g = np.log(np.random.uniform(0.5, 0.99, size=(1, 64, 2, 16)))
+    o, S = linrec_ref.gla(q, k, v, g, form="chunkwise", output_final_state=True)
+
+Entry points: one per op (``linrec_ref.gla``, ``linrec_ref.mamba``, ...), each with ``.vjp``,
+``.step`` and ``.attention_matrix``; the op modules themselves are in ``linrec_ref.ops``. The
+catalogue is ``linrec_ref.registry``; testing tools are ``linrec_ref.testing``.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import registry  # noqa: E402
+from ._validation import InputError  # noqa: E402
+
+FORMS = ("recurrent", "parallel", "chunkwise")
+
+
+class Op:
+    """Top-level entry point of one op with a backend dispatch point.
+
+    op(*inputs, form="chunkwise", backend="numpy", **kwargs)      -> (o, final_state or None)
+    op.vjp(*inputs, do, form="chunkwise", backend="numpy", ...)   -> {input: gradient}
+    op.step(*token_inputs, state, backend="numpy", ...)           -> (o_t, new_state)
+    op.attention_matrix(...)                                      -> [B, H, T, T]
+    The keyword arguments are those of the form (see ``linrec_ref.ops.<name>``).
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def spec(self):
+        return registry.spec(self.name)
+
+    @property
+    def module(self):
+        return registry.module(self.name)
+
+    @property
+    def __doc__(self):  # the op module's docstring: recurrence, glossary, forms, peers
+        try:
+            return self.module.__doc__
+        except ImportError:  # pragma: no cover
+            return Op.__doc__
+
+    def _resolve(self, form: str, backend: str):
+        from . import backends
+        base = form[:-4] if form.endswith("_vjp") else form
+        if base not in FORMS + ("step", "attention_matrix"):
+            raise ValueError(f"{self.name}: unknown form {form!r}; expected one of {', '.join(FORMS)}")
+        return backends.get(backend).resolve(self.name, form)
+
+    def __call__(self, *args, form: str = "chunkwise", backend: str = "numpy", **kwargs):
+        return self._resolve(form, backend)(*args, **kwargs)
+
+    def vjp(self, *args, form: str = "chunkwise", backend: str = "numpy", **kwargs):
+        if form not in FORMS:
+            raise ValueError(f"{self.name}: unknown form {form!r}; expected one of {', '.join(FORMS)}")
+        return self._resolve(form + "_vjp", backend)(*args, **kwargs)
+
+    def step(self, *args, backend: str = "numpy", **kwargs):
+        return self._resolve("step", backend)(*args, **kwargs)
+
+    def attention_matrix(self, *args, backend: str = "numpy", **kwargs):
+        return self._resolve("attention_matrix", backend)(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<linrec_ref op {self.name!r}>"
+
+
+linear_attention = Op("linear_attention")
+retnet = Op("retnet")
+simple_gla = Op("simple_gla")
+gla = Op("gla")
+mamba = Op("mamba")
+hgrn = Op("hgrn")
+rwkv6 = Op("rwkv6")
+lru = Op("lru")
+mlstm = Op("mlstm")
+
+__all__ = ["Op", "InputError", "registry", "FORMS"] + list(registry.OP_NAMES)

@@ -1,0 +1,290 @@
+"""The equivalence matrix: every form, step and backward of an op against the recurrent loop.
+
+Used by ``linrec check`` and by the generic test suite (tests/test_equivalence.py). Each check
+returns ``CheckRow``s carrying the measured error next to its tolerance (linrec_ref.testing).
+
+What is compared (the reference is always the float64 recurrent form on the same inputs):
+    forward    parallel, chunkwise (several chunk sizes), step loop, and for float32 inputs the
+               float32 recurrent form: output o and final state.
+    backward   each form's vjp against the float64 recurrent_vjp, per gradient; and the
+               recurrent_vjp against central finite differences (float64).
+    carry      running [0, t) then [t, T) with the carried state equals one call.
+    varlen     packed sequences (with a zero-length segment) equal separate calls.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+from . import registry, testing
+from ._forms import tree_map
+
+QUICK_LENGTHS = (1, 7, 64)
+FULL_LENGTHS = (1, 2, 7, 64, 257)
+QUICK_CHUNKS = (1, 3, 16, 10**6)          # 10**6 stands for "chunk size >= T"
+FULL_CHUNKS = (1, 3, 16, 64, 10**6)
+
+
+@dataclass
+class CheckRow:
+    op: str
+    variant: str
+    check: str           # e.g. "o,ht: chunkwise vs recurrent", "dq: parallel_vjp vs recurrent_vjp"
+    regime: str
+    dtype: str
+    T: int
+    chunk: Optional[int]
+    result: testing.Comparison
+
+    @property
+    def ok(self) -> bool:
+        return self.result.ok
+
+
+def _per_token_names(spec, x: dict) -> List[str]:
+    return [a.name for a in spec.inputs if a.per_token and x.get(a.name) is not None]
+
+
+def _split_inputs(spec, x: dict):
+    """(array inputs, everything else: options and the initial state)."""
+    names = set(spec.input_names)
+    return ({k: v for k, v in x.items() if k in names}, {k: v for k, v in x.items() if k not in names})
+
+
+def run_form(op: str, form: str, x: dict, chunk_size: Optional[int] = None):
+    """(o, final_state) of a forward form; x from testing.make_inputs."""
+    fn = registry.form(op, form)
+    kw = {"chunk_size": chunk_size} if form == "chunkwise" else {}
+    return fn(**x, output_final_state=True, **kw)
+
+
+def run_vjp(op: str, form: str, x: dict, do, dht, chunk_size: Optional[int] = None) -> dict:
+    fn = registry.form(op, f"{form}_vjp")
+    kw = {"chunk_size": chunk_size} if form == "chunkwise" else {}
+    return fn(**x, do=do, dht=dht, **kw)
+
+
+def run_steps(op: str, x: dict):
+    """Decode token by token with ``step``; returns (o, final_state) like a forward form."""
+    spec = registry.spec(op)
+    arrays, rest = _split_inputs(spec, x)
+    step = registry.form(op, "step")
+    per_token = _per_token_names(spec, arrays)
+    options = {k: v for k, v in rest.items() if k in spec.options}
+    if "scale" in rest:
+        options["scale"] = rest["scale"]
+    state = rest.get("initial_state")
+    T = arrays[per_token[0]].shape[1]
+    outs = []
+    for t in range(T):
+        token = {k: (v[:, t] if k in per_token else v) for k, v in arrays.items()}
+        o_t, state = step(**token, state=state, **options)
+        outs.append(o_t)
+    if not outs:
+        raise ValueError("run_steps needs T >= 1")
+    return np.stack(outs, axis=1), state
+
+
+def cotangents(op: str, o, ht, rng):
+    """Random N(0,1) cotangents (do, dht) shaped like the output and the final state."""
+    def like(a):
+        c = rng.standard_normal(a.shape)
+        if np.iscomplexobj(a):
+            c = c + 1j * rng.standard_normal(a.shape)
+        return c.astype(a.dtype)
+    return like(o), tree_map(like, ht)
+
+
+def _chunk_label(C, T):
+    return f">=T({C})" if C >= T else str(C)
+
+
+# ------------------------------------------------------------------------------ checks
+def check_forward(op, variant="default", regime="typical", dtype=np.float64, T=16,
+                  chunk_sizes=QUICK_CHUNKS, seed=0) -> List[CheckRow]:
+    dt = np.dtype(dtype)
+    x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant, initial_state=True, T=T)
+    ref = run_form(op, "recurrent", testing.as_float64(x))
+    tier = testing.tier_for(dt)
+    row = lambda name, res, C=None: CheckRow(op, variant, name, regime, dt.name, T, C, res)
+    rows = []
+    ref_name = "recurrent" if dt == np.float64 else "recurrent(f64)"
+    if dt != np.float64:
+        rows.append(row("o,ht: recurrent vs recurrent(f64)",
+                        testing.compare(run_form(op, "recurrent", x), ref, tier)))
+    rows.append(row(f"o,ht: parallel vs {ref_name}", testing.compare(run_form(op, "parallel", x), ref, tier)))
+    for C in chunk_sizes:
+        C = min(C, max(T, 1)) if C >= 10**6 else C
+        rows.append(row(f"o,ht: chunkwise vs {ref_name}",
+                        testing.compare(run_form(op, "chunkwise", x, C), ref, tier), _chunk_label(C, T)))
+    if T >= 1:
+        rows.append(row(f"o,ht: step loop vs {ref_name}", testing.compare(run_steps(op, x), ref, tier)))
+    return rows
+
+
+def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=16,
+                   chunk_sizes=(3, 10**6), seed=0, fd=True) -> List[CheckRow]:
+    spec = registry.spec(op)
+    dt = np.dtype(dtype)
+    rng = np.random.default_rng(seed + 1000)
+    x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant, initial_state=True, T=T)
+    x64 = testing.as_float64(x)
+    o, ht = run_form(op, "recurrent", x64)
+    do64, dht64 = cotangents(op, o, ht, rng)
+    ref = run_vjp(op, "recurrent", x64, do64, dht64)
+    tier = testing.tier_for(dt)
+    cast = lambda a: a.astype(dt if not np.iscomplexobj(a) else np.result_type(dt, np.complex64))
+    do, dht = cast(do64), tree_map(cast, dht64)
+    rows = []
+    names = [n for n in list(spec.differentiable) + ["initial_state"] if ref.get(n) is not None]
+    runs = [("recurrent_vjp", None)] if dt != np.float64 else []
+    runs += [("parallel_vjp", None)] + [("chunkwise_vjp", C) for C in chunk_sizes]
+    for form_vjp, C in runs:
+        C = min(C, max(T, 1)) if C is not None and C >= 10**6 else C
+        got = run_vjp(op, form_vjp[:-4], x, do, dht, C)
+        for n in names:
+            res = testing.compare(got[n], ref[n], tier, name=f"d{n}")
+            ref_name = "recurrent_vjp" if dt == np.float64 else "recurrent_vjp(f64)"
+            rows.append(CheckRow(op, variant, f"d{n}: {form_vjp} vs {ref_name}", regime, dt.name, T,
+                                 _chunk_label(C, T) if C else None, res))
+    if fd and dt == np.float64:
+        def loss(inputs):
+            o_, ht_ = run_form(op, "recurrent", inputs)
+            return testing.inner(do64, o_) + testing.inner(dht64, ht_)
+        for n, res in testing.fd_check(loss, x64, ref, names, rng=rng).items():
+            rows.append(CheckRow(op, variant, f"d{n}: recurrent_vjp vs finite differences", regime,
+                                 dt.name, T, None, res))
+    return rows
+
+
+def check_split_carry(op, variant="default", regime="typical", dtype=np.float64, T=23, split=None,
+                      form="chunkwise", chunk_size=4, seed=0) -> CheckRow:
+    """Running [0, t) then [t, T) with the carried state equals one call (also the gradients'
+    initial-state link is covered by the varlen check)."""
+    spec = registry.spec(op)
+    dt = np.dtype(dtype)
+    x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant, initial_state=True, T=T)
+    t = T // 3 + 2 if split is None else split  # 9 for T=23: not a multiple of the chunk size
+    per_token = _per_token_names(spec, x)
+    first = {k: (v[:, :t] if k in per_token else v) for k, v in x.items()}
+    second = {k: (v[:, t:] if k in per_token else v) for k, v in x.items()}
+    o1, h1 = run_form(op, form, first, chunk_size)
+    second["initial_state"] = h1
+    o2, h2 = run_form(op, form, second, chunk_size)
+    ref = run_form(op, form, x, chunk_size)
+    res = testing.compare((np.concatenate([o1, o2], axis=1), h2), ref, testing.tier_for(dt))
+    return CheckRow(op, variant, f"o,ht: split at t={t} and carry ({form}) vs one call", regime,
+                    dt.name, T, chunk_size if form == "chunkwise" else None, res)
+
+
+def check_varlen(op, variant="default", regime="typical", dtype=np.float64, lengths=(5, 0, 9, 1),
+                 form="chunkwise", chunk_size=4, seed=0, backward=True) -> List[CheckRow]:
+    """Packed sequences (B=1, cu_seqlens) equal separate calls, forward and backward."""
+    spec = registry.spec(op)
+    dt = np.dtype(dtype)
+    T = int(sum(lengths))
+    cu = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant, initial_state=False, T=T, B=1)
+    per_token = _per_token_names(spec, x)
+    h0 = testing.random_state(op, dict(testing.default_dims(op, T=T, B=1), N=len(lengths)), dt,
+                              np.random.default_rng(seed + 7), options=spec.variants[variant])
+    packed_o, packed_h = run_form(op, form, dict(x, initial_state=h0, cu_seqlens=cu), chunk_size)
+    outs, finals = [], []
+    for n in range(len(lengths)):
+        h0_n = tree_map(lambda s: s[n:n + 1], h0)
+        lo, hi = cu[n], cu[n + 1]
+        if hi == lo:
+            finals.append(h0_n)
+            continue
+        seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
+        o_n, h_n = run_form(op, form, dict(seg, initial_state=h0_n), chunk_size)
+        outs.append(o_n)
+        finals.append(h_n)
+    sep_h = tree_map(lambda *parts: np.concatenate(parts, axis=0), *finals)
+    tier = testing.tier_for(dt)
+    label = f"lengths {list(lengths)}"
+    rows = [CheckRow(op, variant, f"o,ht: varlen {label} vs separate calls ({form})", regime, dt.name, T,
+                     chunk_size, testing.compare((packed_o, packed_h), (np.concatenate(outs, axis=1), sep_h), tier))]
+    if backward:
+        rng = np.random.default_rng(seed + 11)
+        do, dht = cotangents(op, packed_o, packed_h, rng)
+        g_packed = run_vjp(op, form, dict(x, initial_state=h0, cu_seqlens=cu), do, dht, chunk_size)
+        # separate calls, gradients assembled in the packed layout
+        g_sep = {n: np.zeros_like(x[n]) for n in spec.differentiable if x.get(n) is not None}
+        dh0 = []
+        for n in range(len(lengths)):
+            lo, hi = cu[n], cu[n + 1]
+            dht_n = tree_map(lambda s: s[n:n + 1], dht)
+            if hi == lo:
+                dh0.append(dht_n)
+                continue
+            seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
+            g = run_vjp(op, form, dict(seg, initial_state=tree_map(lambda s: s[n:n + 1], h0)),
+                        do[:, lo:hi], dht_n, chunk_size)
+            for name in g_sep:
+                if name in per_token:
+                    g_sep[name][:, lo:hi] = g[name]
+                else:
+                    g_sep[name] = g_sep[name] + g[name]
+            dh0.append(g["initial_state"])
+        g_sep["initial_state"] = tree_map(lambda *parts: np.concatenate(parts, axis=0), *dh0)
+        got = {k: g_packed[k] for k in g_sep}
+        rows.append(CheckRow(op, variant, f"grads: varlen {label} vs separate calls ({form})", regime,
+                             dt.name, T, chunk_size, testing.compare(got, g_sep, tier)))
+    return rows
+
+
+# ------------------------------------------------------------------------------ the matrix
+def matrix(op: str, dtype=np.float64, full: bool = False, seed: int = 0):
+    """Yield the (description, thunk) pairs of the equivalence matrix of one op."""
+    spec = registry.spec(op)
+    lengths = FULL_LENGTHS if full else QUICK_LENGTHS
+    chunks = FULL_CHUNKS if full else QUICK_CHUNKS
+    for variant in spec.variants:
+        for regime in spec.regimes:
+            for T in lengths:
+                yield (f"{op}/{variant}/{regime}/T={T} forward",
+                       lambda v=variant, r=regime, T=T: check_forward(op, v, r, dtype, T, chunks, seed))
+            for T in ((7, 33) if full else (7,)):
+                yield (f"{op}/{variant}/{regime}/T={T} backward",
+                       lambda v=variant, r=regime, T=T: check_backward(op, v, r, dtype, T, seed=seed))
+            yield (f"{op}/{variant}/{regime} split-and-carry",
+                   lambda v=variant, r=regime: [check_split_carry(op, v, r, dtype, seed=seed)])
+            yield (f"{op}/{variant}/{regime} varlen",
+                   lambda v=variant, r=regime: check_varlen(op, v, r, dtype, seed=seed))
+
+
+def run(ops: Optional[Sequence[str]] = None, dtypes: Iterable = (np.float64,), full: bool = False,
+        progress: Optional[Callable[[int, int, str], None]] = None) -> List[CheckRow]:
+    """Run the matrix for the given ops (default: all) and dtypes; returns every row."""
+    ops = list(ops) if ops else list(registry.available())
+    jobs = [job for op in ops for dt in dtypes for job in matrix(op, dt, full)]
+    rows: List[CheckRow] = []
+    for i, (label, thunk) in enumerate(jobs):
+        if progress:
+            progress(i, len(jobs), label)
+        rows.extend(thunk())
+    if progress:
+        progress(len(jobs), len(jobs), "done")
+    return rows
+
+
+def summarize(rows: Sequence[CheckRow]) -> List[dict]:
+    """Worst error per (op, dtype, check kind), ready to print as a table."""
+    groups = {}
+    for r in rows:
+        key = (r.op, r.dtype, r.check.split(": ", 1)[1] if ": " in r.check else r.check,
+               r.check.split(": ", 1)[0])
+        g = groups.setdefault(key, {"op": r.op, "dtype": r.dtype, "check": key[2], "what": key[3],
+                                    "n": 0, "failed": 0, "max_rel": 0.0, "max_elem_rel": 0.0,
+                                    "rtol": r.result.tolerance.rtol, "atol": r.result.tolerance.atol,
+                                    "worst": ""})
+        g["n"] += 1
+        g["failed"] += 0 if r.ok else 1
+        if r.result.max_rel >= g["max_rel"]:
+            g["max_rel"] = r.result.max_rel
+            g["worst"] = f"{r.regime}, T={r.T}" + (f", C={r.chunk}" if r.chunk else "")
+        g["max_elem_rel"] = max(g["max_elem_rel"], r.result.max_elem_rel)
+    return list(groups.values())
