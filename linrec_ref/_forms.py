@@ -148,8 +148,6 @@ def _signature(spec: OpSpec, *, chunked=False, vjp=False, step=False, names=None
             continue
         default = None if a.optional else _P.empty
         params.append(_P(a.name, _P.POSITIONAL_OR_KEYWORD, default=default))
-    if vjp:
-        params.append(_P("do", _P.POSITIONAL_OR_KEYWORD))
     if step:
         params.append(_P("state", _P.POSITIONAL_OR_KEYWORD, default=None))
     kw = []
@@ -165,6 +163,8 @@ def _signature(spec: OpSpec, *, chunked=False, vjp=False, step=False, names=None
     if chunked:
         kw.append(("chunk_size", DEFAULT_CHUNK_SIZE))
     kw.extend(spec.options.items())
+    if vjp:  # keyword-only, so that optional inputs may precede it: f(q, k, v, do=do)
+        params.append(_P("do", _P.KEYWORD_ONLY))
     params += [_P(n, _P.KEYWORD_ONLY, default=d) for n, d in kw]
     return inspect.Signature(params)
 
@@ -198,7 +198,7 @@ _FORWARD_DOC = """
 """
 
 _VJP_DOC = """
-    Vector-Jacobian product. Arguments as the forward form, plus
+    Vector-Jacobian product. Arguments as the forward form, plus (keyword-only)
         do:  cotangent of the output o.
         dht: cotangent of the final state (None -> zero).
     Returns a dict {input name: gradient, ..., "initial_state": gradient or None}; gradients have

@@ -41,8 +41,24 @@ def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
 
 
+def _markdown(rows) -> str:
+    lines = ["# Ops", "", "Written by `linrec ops --markdown` from the registry.", ""]
+    for r in rows:
+        lines += [f"## {r['name']}", "", f"*{r['family']}*; transition: {r['transition']}", "",
+                  f"    {r['math']}", "",
+                  f"- inputs: {', '.join(f'`{i}`' for i in r['inputs'])}",
+                  f"- state: {r['state']}",
+                  f"- options: {', '.join(f'`{k}={v!r}`' for k, v in r['options'].items()) or 'none'}",
+                  f"- forms: {', '.join(r['forms'])}",
+                  f"- peers: {'; '.join(r['peers'])}", ""]
+    return "\n".join(lines)
+
+
 def cmd_ops(args) -> int:
     rows = registry.catalogue()
+    if args.markdown:
+        print(_markdown(rows))
+        return 0
     if args.verbose:
         for r in rows:
             print(f"{r['name']}  ({r['family']}; {r['transition']})")
@@ -92,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ops = sub.add_parser("ops", help="print the catalogue of ops")
     ops.add_argument("-v", "--verbose", action="store_true", help="one block per op with math, inputs, state")
+    ops.add_argument("--markdown", action="store_true", help="the catalogue as a Markdown page (docs/ops.md)")
     ops.set_defaults(func=cmd_ops)
     chk = sub.add_parser("check", help="run the equivalence matrix (forms, steps, gradients)")
     chk.add_argument("--op", action="append", help="op name (repeatable); default: every op")
