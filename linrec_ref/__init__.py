@@ -74,6 +74,12 @@ class Op:
     def attention_matrix(self, *args, backend: str = "numpy", **kwargs):
         return self._resolve("attention_matrix", backend)(*args, **kwargs)
 
+    def __getattr__(self, attr: str):
+        """Other public names of the op's module (e.g. ``linrec_ref.lru.kernel``)."""
+        if attr.startswith("_"):
+            raise AttributeError(attr)
+        return getattr(self.module, attr)
+
     def __repr__(self) -> str:
         return f"<linrec_ref op {self.name!r}>"
 

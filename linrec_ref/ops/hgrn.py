@@ -1,0 +1,251 @@
+r"""hgrn: a gated elementwise linear recurrence, one scalar state per channel (no q, no k).
+
+Recurrence (one batch element; every channel d on its own; inclusive read, the state AFTER t):
+
+    h_t = a_t * h_{t-1} + x_t,     a_t = exp(g_t) in [0, 1]     (elementwise over D)
+    o_t = h_t
+
+There is no read-out projection and no scale (the output IS the state, scale 1). HGRN's input
+gating (x_t = (1 - f_t) * c_t in the paper) happens before the op: ``x`` is the already gated
+input, as in fla.
+
+Glossary
+    symbol   argument   shape        paper (HGRN, Qin et al. 2023)     fla (fused_recurrent_hgrn)
+    x_t      x          [B, T, D]    (1 - lambda_t) * c_t              x
+    g_t      g          [B, T, D]    log lambda_t (log forget gate)    g
+    h_t      state      [B, D]       h_t                               initial_state / final_state
+    o_t      (output)   [B, T, D]    h_t                               o
+
+Forms
+    recurrent  the loop above (ground truth); O(D) memory per sequence.
+    parallel   o_t = sum_{s<=t} exp(g_{s+1} + ... + g_t) x_s + exp(g_1 + ... + g_t) h_0, per channel:
+               a T x T decay mask per channel, M = exp(segsum(g)) of shape [B, D, T, T].
+    chunkwise  chunks of C tokens: the per-channel mask inside a chunk (exact segment sums, never a
+               difference of cumulative sums), the recurrence carries h across chunks.
+    step       one token of the recurrence (decoding).
+    attention_matrix(g) -> M [B, D, T, T]: o[b, :, d] = M[b, d] @ x[b, :, d] (zero initial state).
+
+Gradients (hand-written vector-Jacobian products; the adjoint runs the same recurrence backwards):
+    dh_t = do_t + a_{t+1} dh_{t+1},   dh_T starts from do_T + dht (the final-state cotangent)
+    dx_t = dh_t,   dg_t = a_t dh_t h_{t-1},   dh_0 = a_1 dh_1.
+The recurrent backward (ground truth) walks t = T-1 .. 0 with ``_scan.reverse_sweep``, which
+recomputes states from checkpoints instead of keeping all T states. Because o_t = h_t, the
+previous state h_{t-1} is the previous output, so the parallel and chunkwise backwards also use
+the direct formula dg_t = a_t dx_t h_{t-1} (vectorised; h_{t-1} is the shifted output, or the
+carried state at a chunk start). It is exact at a hard reset (a_t = 0 gives dg_t = 0 exactly).
+The gate identity holds as well and is checked in tests/test_hgrn.py: with G_t = g_1 + ... + g_t,
+    dL/dG_t = o_t do_t - x_t dx_t  (+ h_T dht at the last token),   dg_t = sum_{u >= t} dL/dG_u.
+
+Peers: fla ``fused_recurrent_hgrn`` (x, g, initial_state, output_final_state), ``chunk_hgrn``.
+
+References: Qin, Yang & Zhong, "Hierarchically Gated Recurrent Neural Network for Sequence
+Modeling" (HGRN), NeurIPS 2023; Yang et al., flash-linear-attention (fla), ``fla.ops.hgrn``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _regimes
+from .._forms import forward_form, matrix_form, step_form, vjp_form
+from .._scan import from_chunks, reverse_sweep, segsum, to_chunks
+from .._spec import Arg, OpSpec
+
+
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: x ~ N(0, 1); g from the decay regime (per channel and step)."""
+    B, T, D = (dims[d] for d in "BTD")
+    return {
+        "x": _regimes.normal(rng, (B, T, D), dtype),
+        "g": _regimes.log_decay(rng, (B, T, D), regime, dtype),
+    }
+
+
+SPEC = OpSpec(
+    name="hgrn",
+    family="gated elementwise recurrence (HGRN)",
+    transition="vector state, diagonal",
+    math="h_t = exp(g_t) * h_{t-1} + x_t (elementwise);  o_t = h_t",
+    inputs=(Arg("x", "BTD"), Arg("g", "BTD", log_gate=True)),
+    output="BTD",
+    state=(Arg("state", "ND"),),
+    default_scale=None,
+    peers=("fla.ops.hgrn.fused_recurrent_hgrn", "fla.ops.hgrn.chunk_hgrn"),
+    make_inputs=make_inputs,
+    regimes=tuple(_regimes.DECAY_REGIMES),
+    default_dims={"B": 2, "D": 8},
+)
+
+
+# ----------------------------------------------------------------------------- recurrent
+def _advance(x, g):
+    """One step of the recurrence as a function of (h_{t-1}, t), for loops and reverse sweeps."""
+    a = np.exp(g)                                                   # [B, T, D]
+
+    def advance(h, t):
+        return a[:, t] * h + x[:, t]                                # [B, D]
+
+    return advance
+
+
+@forward_form(SPEC)
+def recurrent(x, g, *, initial_state):
+    """The definition: a loop over t. x, g: [B, T, D]; initial_state: [B, D]."""
+    advance = _advance(x, g)
+    h = initial_state                                               # [B, D]
+    o = np.empty_like(x)                                            # [B, T, D]
+    for t in range(x.shape[1]):
+        h = advance(h, t)
+        o[:, t] = h
+    return o, h
+
+
+@step_form(SPEC)
+def step(x, g, *, state):
+    """One token: x, g: [B, D]; state: [B, D]. Returns (o_t, h_t) with o_t = h_t."""
+    h = np.exp(g) * state + x                                       # [B, D]
+    return h.copy(), h                                              # o_t and the state share no memory
+
+
+@vjp_form(SPEC)
+def recurrent_vjp(x, g, do, dht, *, initial_state):
+    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dh (ground truth).
+
+    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    """
+    a = np.exp(g)                                                   # [B, T, D]
+    dx, dg = np.zeros_like(x), np.zeros_like(g)
+    dh = dht.copy()                                                 # [B, D]
+
+    def visit(t, h_prev, h_t):
+        nonlocal dh
+        dh = dh + do[:, t]                                          # read o_t = h_t
+        dx[:, t] = dh                                               # h_t = ... + x_t
+        dg[:, t] = a[:, t] * dh * h_prev                            # d/dg of a_t h_{t-1}
+        dh = a[:, t] * dh                                           # to h_{t-1}
+
+    reverse_sweep(_advance(x, g), initial_state, x.shape[1], visit)
+    return {"x": dx, "g": dg, "initial_state": dh}
+
+
+# ----------------------------------------------------------------------------- parallel
+def _decay_mask(g):
+    """g: [B, T, D] -> M: [B, D, T, T], M[t, s] = exp(g_{s+1} + ... + g_t) for s <= t, else 0."""
+    return np.exp(segsum(np.moveaxis(g, 1, -1)))
+
+
+@matrix_form(SPEC, names=("g",))
+def attention_matrix(g):
+    """M: [B, D, T, T], one lower-triangular decay mask per channel.
+
+    o[b, :, d] = M[b, d] @ x[b, :, d] (zero initial state).
+    """
+    return _decay_mask(g)
+
+
+def _previous_states(o, h0):
+    """h_{t-1} for every t: the output shifted by one step, h_0 first. [B, T, D] -> [B, T, D]."""
+    return np.concatenate([h0[:, None], o[:, :-1]], axis=1)
+
+
+def _parallel_parts(x, g, initial_state):
+    """Shared by the parallel forward and backward: channel-major mask, decays, outputs."""
+    M = _decay_mask(g)                                              # [B, D, T, T]
+    xd = np.moveaxis(x, 1, -1)                                      # [B, D, T]
+    a_from0 = np.exp(np.cumsum(np.moveaxis(g, 1, -1), axis=-1))     # [B, D, T]: exp(g_1+..+g_t)
+    o = (M @ xd[..., None])[..., 0] + a_from0 * initial_state[..., None]  # [B, D, T]
+    return M, a_from0, np.moveaxis(o, -1, 1)                        # o: [B, T, D]
+
+
+def _last(o, h0):
+    """The final state: the last output (o_t = h_t), or h_0 for an empty sequence."""
+    return o[:, -1].copy() if o.shape[1] else h0
+
+
+@forward_form(SPEC)
+def parallel(x, g, *, initial_state):
+    """o = M x + exp(G_t) h_0 per channel, M = exp(segsum(g)). Shapes as ``recurrent``."""
+    _, _, o = _parallel_parts(x, g, initial_state)
+    return o, _last(o, initial_state)
+
+
+@vjp_form(SPEC)
+def parallel_vjp(x, g, do, dht, *, initial_state):
+    """Backward of the parallel form: dx = M^T do + (decay to T) dht, dg = a dx h_prev."""
+    if x.shape[1] == 0:  # an empty sequence is the identity on the state
+        return {"x": np.zeros_like(x), "g": np.zeros_like(g), "initial_state": dht.copy()}
+    M, a_from0, o = _parallel_parts(x, g, initial_state)
+    dod = np.moveaxis(do, 1, -1)                                    # [B, D, T]
+    to_end = M[..., -1, :]                                          # [B, D, T]: decay s -> T
+    dxd = (M.swapaxes(-1, -2) @ dod[..., None])[..., 0] + to_end * dht[..., None]  # [B, D, T]
+    dh0 = np.sum(a_from0 * dod, axis=-1) + a_from0[..., -1] * dht  # [B, D]
+    dx = np.moveaxis(dxd, -1, 1)                                    # [B, T, D]
+    dg = np.exp(g) * dx * _previous_states(o, initial_state)        # [B, T, D]
+    return {"x": dx, "g": dg, "initial_state": dh0}
+
+
+# ----------------------------------------------------------------------------- chunkwise
+def _chunk_parts(x, g, initial_state, C):
+    """Steps 1-4 of the chunkwise form, shared by forward and backward.
+
+    Returns the chunked gates, the intra-chunk masks and decays, the state entering every
+    chunk, the chunked outputs and the final state.
+    """
+    xc, gc = to_chunks(x, C), to_chunks(g, C)                       # [B, D, N, C]
+    # 1. intra-chunk: the per-channel mask on each chunk (padding has x = 0, g = 0: neutral)
+    M = np.exp(segsum(gc))                                          # [B, D, N, C, C]
+    intra = (M @ xc[..., None])[..., 0]                             # [B, D, N, C]
+    a_from_start = np.exp(np.cumsum(gc, axis=-1))                   # [B, D, N, C]
+    # 2. chunk states: the intra-chunk state at the chunk's last token, and the chunk's decay
+    U, a_chunk = intra[..., -1], a_from_start[..., -1]              # [B, D, N]
+    # 3. carry across chunks: h_n = a_chunk_n h_{n-1} + U_n; keep the state entering each chunk
+    h_in = np.empty_like(U)                                         # [B, D, N]
+    h = initial_state                                               # [B, D]
+    for n in range(U.shape[-1]):
+        h_in[..., n] = h
+        h = a_chunk[..., n] * h + U[..., n]
+    # 4. output: intra + the carried state decayed from the chunk start
+    oc = intra + a_from_start * h_in[..., None]                     # [B, D, N, C]
+    return gc, M, a_from_start, h_in, oc, h
+
+
+@forward_form(SPEC, chunked=True)
+def chunkwise(x, g, *, initial_state, chunk_size):
+    """Chunks of C = chunk_size tokens (T need not divide). Memory: O(T/C * D) states.
+
+    1. intra-chunk: o_t = sum_{s<=t in chunk} exp(segsum(g)[t, s]) x_s  (exact segment sums)
+    2. chunk states: U_n = the intra-chunk output at the chunk's last token
+    3. carry: h_n = exp(sum of the chunk's g) h_{n-1} + U_n, one loop over chunks
+    4. output: intra + exp(g_first + .. + g_t) h_{n-1}
+    """
+    *_, oc, hT = _chunk_parts(x, g, initial_state, chunk_size)
+    return from_chunks(oc, x.shape[1]), hT
+
+
+@vjp_form(SPEC, chunked=True)
+def chunkwise_vjp(x, g, do, dht, *, initial_state, chunk_size):
+    """Backward of the chunkwise form. Keeps only the per-chunk states (O(T/C * D)).
+
+    1. recompute the forward (states entering each chunk, outputs)
+    2. carry the state cotangent backwards:
+       dh_end[n-1] = a_chunk_n dh_end[n] + sum_t a_from_start_t do_t
+    3. dx inside each chunk: M^T do + (decay to the chunk end) * dh_end
+    4. dg = a_t dx_t h_{t-1}, with h_{t-1} the previous output or, at a chunk start, h_in
+    """
+    T, C = x.shape[1], chunk_size
+    gc, M, a_from_start, h_in, oc, _ = _chunk_parts(x, g, initial_state, C)
+    doc = to_chunks(do, C)                                          # [B, D, N, C]
+    N = gc.shape[-2]
+    # 2. dh_end[n]: cotangent of the state at the end of chunk n (from the later chunks)
+    local = np.sum(a_from_start * doc, axis=-1)                     # [B, D, N]
+    dh_end = np.empty_like(h_in)                                    # [B, D, N]
+    dh = dht                                                        # [B, D]
+    for n in reversed(range(N)):
+        dh_end[..., n] = dh
+        dh = a_from_start[..., n, -1] * dh + local[..., n]
+    # 3. dx inside each chunk
+    to_end = M[..., -1, :]                                          # [B, D, N, C]
+    dxc = (M.swapaxes(-1, -2) @ doc[..., None])[..., 0] + to_end * dh_end[..., None]  # [B, D, N, C]
+    # 4. dg from the direct formula; h_prev shifts the outputs by one inside each chunk
+    h_prev = np.concatenate([h_in[..., None], oc[..., :-1]], axis=-1)  # [B, D, N, C]
+    dgc = np.exp(gc) * dxc * h_prev                                 # [B, D, N, C]
+    return {"x": from_chunks(dxc, T), "g": from_chunks(dgc, T), "initial_state": dh}
