@@ -9,7 +9,7 @@ import pytest
 
 from linrec_ref import testing
 from linrec_ref._validation import InputError
-from linrec_ref.ops import rwkv6
+from linrec_ref.ops import gla, rwkv6
 
 REGIMES = rwkv6.SPEC.regimes
 FORMS = rwkv6.SPEC.forms
@@ -81,6 +81,48 @@ def test_default_scale_is_inverse_sqrt_of_K():
     testing.assert_close(o_default, o_explicit)
     o_one, _ = rwkv6.recurrent(**x, scale=1.0)            # the paper's scale
     testing.assert_close(o_one * K ** -0.5, o_default)
+
+
+def _shift(x):
+    """x'_t = x_{t-1}, x'_1 = 0 along T."""
+    return np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("regime", REGIMES)
+def test_without_bonus_rwkv6_is_gla_read_one_step_earlier(form, regime):
+    """u = 0: rwkv6's output is gla's (q = r) on inputs shifted by one token (k'_t = k_{t-1},
+    v'_t = v_{t-1}, g'_t = w_{t-1}, zeros at t = 1); gla's final state is S_{T-1}, and one gla
+    step with (k_T, v_T, w_T) from it gives rwkv6's final state S_T."""
+    x = testing.make_inputs("rwkv6", regime, T=19, initial_state=True, seed=12)
+    x["u"] = np.zeros_like(x["u"])
+    kw = {"chunk_size": 5} if form == "chunkwise" else {}
+    o, ht = getattr(rwkv6, form)(**x, output_final_state=True, **kw)
+    o_gla, h_gla = gla.recurrent(x["r"], _shift(x["k"]), _shift(x["v"]), _shift(x["w"]),
+                                 initial_state=x["initial_state"], output_final_state=True)
+    testing.assert_close(o, o_gla, name="o vs gla on shifted inputs")
+    _, h_before_last = rwkv6.recurrent(**{n: (a[:, :-1] if n in "rkvw" else a) for n, a in x.items()},
+                                       output_final_state=True)
+    testing.assert_close(h_gla, h_before_last, name="gla final state = S_{T-1}")
+    _, h_last = gla.step(x["r"][:, -1], x["k"][:, -1], x["v"][:, -1], x["w"][:, -1], state=h_gla)
+    testing.assert_close(ht, h_last, name="S_T = one gla step from S_{T-1}")
+
+
+def test_attention_matrix_is_strictly_causal_decay_plus_bonus_diagonal():
+    x = testing.make_inputs("rwkv6", "hard_reset", T=12, seed=13)
+    scale = x["r"].shape[-1] ** -0.5
+    M = rwkv6.attention_matrix(x["r"], x["k"], x["w"], x["u"])           # [B, H, T, T]
+    o, _ = rwkv6.recurrent(**x)
+    testing.assert_close(np.einsum("bhts,bshv->bthv", M, x["v"]), o, name="o = M v")
+    bonus = scale * np.einsum("bthk,hk,bthk->bht", x["r"], x["u"], x["k"])
+    testing.assert_close(np.diagonal(M, axis1=-2, axis2=-1), bonus, name="diagonal = bonus")
+    assert np.all(np.triu(M, 1) == 0)
+    M0 = rwkv6.attention_matrix(x["r"], x["k"], x["w"], np.zeros_like(x["u"]))
+    assert np.array_equal(np.tril(M0, -1), np.tril(M, -1))            # u only touches the diagonal
+    # entry by entry from the definition: decay exp(w_{s+1} + .. + w_{t-1}) between s < t
+    b, h, t, s = 1, 0, 9, 3
+    decay = np.exp(x["w"][b, s + 1:t, h].sum(axis=0))                  # [K]
+    testing.assert_close(M[b, h, t, s], scale * np.sum(x["r"][b, t, h] * x["k"][b, s, h] * decay))
 
 
 @pytest.mark.parametrize("form", FORMS)

@@ -68,3 +68,11 @@ def test_make_inputs_is_reproducible_and_signed():
     assert (a["q"] < 0).any() and (a["q"] > 0).any()
     with pytest.raises(ValueError, match="regime 'bogus' does not apply"):
         testing.make_inputs("simple_gla", "bogus")
+
+
+def test_an_all_zero_leaf_is_judged_against_the_other_leaves():
+    ref = {"dq": np.array([0.0, 0.0]), "dk": np.array([2.0, -3.0])}
+    noise = {"dq": np.array([1e-16, -2e-16]), "dk": np.array([2.0, -3.0])}
+    assert testing.compare(noise, ref, "float64").ok
+    assert not testing.compare({"dq": np.array([1e-9, 0.0]), "dk": ref["dk"]}, ref, "float64").ok
+    assert not testing.compare(np.array([1e-16]), np.array([0.0]), "float64").ok  # nothing else to go by

@@ -26,8 +26,11 @@ Glossary
 
 Forms
     recurrent  the loop above (ground truth): read S_{t-1}, add the bonus, then update.
-    parallel   "GLA read one step earlier" (below), plus the bonus diagonal.
-    chunkwise  the same on gla's chunkwise form.
+    parallel   "GLA read one step earlier" (the shift identity below) on gla's parallel form,
+               plus the bonus diagonal; O(T^2 K).
+    chunkwise  gla's chunkwise core with strict=True (mask s < t: the read before the update,
+               built on ``linrec_ref._decay``), plus the bonus; per-chunk states only. See
+               ``chunkwise`` for why this and not the shift.
     step       one token (decoding): read the given state, add the bonus, return the new state.
     attention_matrix  M [B, H, T, T]: M[t, s] = scale * sum_k r_t[k] k_s[k] exp(w_{s+1} + .. +
                w_{t-1})[k] for s < t (strictly lower) and the bonus diagonal
@@ -41,10 +44,10 @@ shifted by one token,
 
 so o_t = [gla output with q = r on the shifted inputs]_t + scale (r_t . (u * k_t)) v_t, and the
 final state is one more step, S_T = diag(exp(w_T)) S'_T + k_T v_T^T.
-The parallel and chunkwise forms are built this way on gla's cores. Gradients flow back through
-the shift (dk_t = dk'_{t+1}, dv_t = dv'_{t+1}, dw_t = dw'_{t+1} for t < T; the gradient of the
-constant g'_1 = 0 is dropped), through the last step (dk_T, dv_T, dw_T from the final-state
-cotangent) and through the bonus term.
+The parallel form and the attention matrix are built this way on gla's cores. Gradients flow
+back through the shift (dk_t = dk'_{t+1}, dv_t = dv'_{t+1}, dw_t = dw'_{t+1} for t < T; the
+gradient of the constant g'_1 = 0 is dropped), through the last step (dk_T, dv_T, dw_T from the
+final-state cotangent) and through the bonus term.
 
 Gradients (hand-written; dS_t is the cotangent of S_t, starting from the final-state cotangent):
     dS_{t-1} = diag(a_t) dS_t + scale r_t do_t^T,      a_t = exp(w_t)
@@ -54,6 +57,9 @@ Gradients (hand-written; dS_t is the cotangent of S_t, starting from the final-s
     dw_t = a_t * rowsum(dS_t * S_{t-1})                (per key channel)
     du   = scale * sum_{b, t} beta_t (r_t * k_t)        (u is shared by all tokens and sequences)
     dS_0 = the adjoint after the sweep.
+The parallel and chunkwise backwards take the read/write terms from gla's vjps (dw from the gate
+identity, reverse-summed inside a chunk; exactly 0 at hard resets w = -inf) and add the bonus
+terms above.
 
 Peers: fla ``fused_recurrent_rwkv6`` and ``chunk_rwkv6`` (w in log space, u [H, K]).
 
@@ -69,16 +75,26 @@ from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._scan import reverse_sweep
 from .._spec import Arg, OpSpec
+from . import gla
 
 
 def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: r, k, v, u ~ N(0, 1); w (log decay per key channel) from the regime."""
+    """Valid random inputs: r, k, v, u ~ N(0, 1); w (log decay per key channel) from the regime.
+
+    In "hard_reset", besides the whole-step resets of the regime, single key channels reset
+    (w = -inf) at ~5% of the (t, channel) entries after t = 0.
+    """
     B, T, H, K, V = (dims[d] for d in "BTHKV")
+    w = _regimes.log_decay(rng, (B, T, H, K), regime, np.float64)
+    if regime == "hard_reset":
+        channel_resets = rng.uniform(size=w.shape) < 0.05
+        channel_resets[:, 0] = False
+        w[channel_resets] = -np.inf
     return {
         "r": _regimes.normal(rng, (B, T, H, K), dtype),
         "k": _regimes.normal(rng, (B, T, H, K), dtype),
         "v": _regimes.normal(rng, (B, T, H, V), dtype),
-        "w": _regimes.log_decay(rng, (B, T, H, K), regime, dtype),
+        "w": w.astype(dtype),
         "u": _regimes.normal(rng, (H, K), dtype),
     }
 
@@ -102,7 +118,7 @@ SPEC = OpSpec(
 
 # ----------------------------------------------------------------------------- bonus term
 def _bonus(r, k, u):
-    """The bonus weight of the current token: r_t . (u * k_t). [B, T, H, K] -> [B, T, H]."""
+    """The bonus weight of the current token: r_t . (u * k_t). [B, (T,) H, K] -> [B, (T,) H]."""
     return np.sum(r * u * k, axis=-1)
 
 
@@ -152,7 +168,7 @@ def recurrent(r, k, v, w, u, *, scale, initial_state):
 def step(r, k, v, w, u, *, state, scale):
     """One token: r, k, w: [B, H, K]; v: [B, H, V]; u: [H, K]; state: [B, H, K, V] (S_{t-1})."""
     read = (r[:, :, None, :] @ state)[:, :, 0, :]                   # [B, H, V]
-    bonus = np.sum(r * u * k, axis=-1)                              # [B, H]
+    bonus = _bonus(r, k, u)                                         # [B, H]
     o = scale * (read + bonus[..., None] * v)                       # [B, H, V]
     S = np.exp(w)[..., None] * state + k[..., :, None] * v[..., None, :]  # [B, H, K, V]
     return o, S
@@ -180,4 +196,111 @@ def recurrent_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
         dS = a[:, t, :, :, None] * dS + scale * r[:, t, :, :, None] * do[:, t, :, None, :]
 
     reverse_sweep(_advance(k, v, w), initial_state, r.shape[1], visit)
-    return {"r": dr, "k": dk, "v": dv, "w": dw, "u": du.astype(u.dtype), "initial_state": dS}
+    return {"r": dr, "k": dk, "v": dv, "w": dw, "u": du, "initial_state": dS}
+
+
+# ----------------------------------------------------------------------------- parallel
+def _shift(x):
+    """x'_t = x_{t-1}, x'_1 = 0: [B, T, H, D] -> [B, T, H, D] (the inputs of the shifted GLA)."""
+    return np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], axis=1)
+
+
+def _unshift(dx_shifted, dx_last):
+    """Gradient back through ``_shift`` plus the last token's own term.
+
+    dx_shifted: [B, T, H, D] gradient w.r.t. x'; dx_last: [B, H, D] gradient w.r.t. x_T through
+    the final step. dx_t = dx'_{t+1} for t < T (dx'_1 belongs to the constant 0 and is dropped).
+    """
+    return np.concatenate([dx_shifted[:, 1:], dx_last[:, None]], axis=1)   # [B, T, H, D]
+
+
+def _shifted_gla_parallel(r, k, v, w, scale, initial_state):
+    """gla's parallel form on the shifted inputs: o'_t = scale S_{t-1}^T r_t, and S'_T = S_{T-1}."""
+    return gla.parallel.core(r, _shift(k), _shift(v), _shift(w), None, scale=scale,
+                             initial_state=initial_state)
+
+
+@matrix_form(SPEC, names=("r", "k", "w", "u"))
+def attention_matrix(r, k, w, u, *, scale):
+    """M: [B, H, T, T], the parallel form without initial state is o = M v.
+
+    Strictly lower part (s < t): scale sum_k r_t[k] k_s[k] exp(w_{s+1} + .. + w_{t-1})[k], i.e.
+    gla's matrix on the shifted keys and gates, M'[t, s + 1], moved one column left.
+    Diagonal: the bonus scale (r_t . (u * k_t)). Above the diagonal: 0.
+    """
+    M_shifted = gla.attention_matrix.core(r, _shift(k), _shift(w), scale=scale)  # [B, H, T, T]
+    M = np.zeros_like(M_shifted)
+    M[..., :, :-1] = M_shifted[..., :, 1:]                          # M[t, s] = M'[t, s + 1]
+    T = r.shape[1]
+    M[..., np.arange(T), np.arange(T)] = scale * np.moveaxis(_bonus(r, k, u), 1, 2)  # [B, H, T]
+    return M
+
+
+@forward_form(SPEC)
+def parallel(r, k, v, w, u, *, scale, initial_state):
+    """GLA read one step earlier, plus the bonus. Shapes as ``recurrent``. O(T^2 K) memory.
+
+    1. o'_t = scale S_{t-1}^T r_t: gla's parallel form on (k, v, w) shifted by one token
+    2. o_t = o'_t + scale (r_t . (u * k_t)) v_t
+    3. the final state is one more step: S_T = diag(exp(w_T)) S_{T-1} + k_T v_T^T
+    """
+    o_read, S_before_last = _shifted_gla_parallel(r, k, v, w, scale, initial_state)
+    o = o_read + scale * _bonus(r, k, u)[..., None] * v             # [B, T, H, V]
+    S_T = _advance(k, v, w)(S_before_last, r.shape[1] - 1)          # [B, H, K, V]
+    return o, S_T
+
+
+@vjp_form(SPEC)
+def parallel_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
+    """Backward of ``parallel``: gla's parallel vjp on the shifted inputs, chained back.
+
+    1. recompute S_{T-1} (gla's parallel forward) for the last step's gate gradient
+    2. last step S_T = diag(a_T) S_{T-1} + k_T v_T^T: dk_T, dv_T, dw_T, and dS_{T-1} = diag(a_T) dht
+    3. gla's parallel vjp with dS_{T-1} as its final-state cotangent; back through the shift
+    4. add the bonus term's gradients
+    """
+    _, S_before_last = _shifted_gla_parallel(r, k, v, w, scale, initial_state)   # 1.
+    a_T = np.exp(w[:, -1])                                          # [B, H, K]
+    dk_T = (dht @ v[:, -1, :, :, None])[..., 0]                     # 2. [B, H, K]
+    dv_T = (k[:, -1, :, None, :] @ dht)[:, :, 0, :]                 # [B, H, V]
+    dw_T = a_T * np.sum(dht * S_before_last, axis=-1)               # [B, H, K]
+    g = gla.parallel_vjp.core(r, _shift(k), _shift(v), _shift(w), None, do=do,  # 3.
+                              dht=a_T[..., None] * dht, scale=scale, initial_state=initial_state)
+    dr, dk, dv, du = _bonus_vjp(r, k, v, u, do, scale)              # 4.
+    return {"r": dr + g["q"], "k": dk + _unshift(g["k"], dk_T), "v": dv + _unshift(g["v"], dv_T),
+            "w": _unshift(g["g"], dw_T), "u": du, "initial_state": g["initial_state"]}
+
+
+# ----------------------------------------------------------------------------- chunkwise
+@forward_form(SPEC, chunked=True)
+def chunkwise(r, k, v, w, u, *, scale, initial_state, chunk_size):
+    """Chunks of C = chunk_size tokens (T need not divide). Memory: O(T/C * K V) per head.
+
+    gla's chunkwise core with ``strict=True`` (the read sees the state before the update: the
+    intra-chunk mask is s < t and the query-side decay of token t stops at t-1), plus the bonus.
+    Inside ``gla.chunked_forward``:
+    1. intra-chunk scores A[t, s] = scale sum_k r_t[k] k_s[k] exp(w_{s+1} + .. + w_{t-1})[k], s < t
+    2. chunk states U_n = sum_s (k_s exp(w_{s+1} + .. + w_end)) v_s^T
+    3. carry S_n = diag(exp(w_first + .. + w_end)) S_{n-1} + U_n, one loop over chunks
+    4. output A v + scale (r_t exp(w_first + .. + w_{t-1}))^T S_{n-1}
+    and here: 5. o_t += scale (r_t . (u * k_t)) v_t.
+
+    Why the strict core and not the shift used by ``parallel``: it reads S_{t-1} directly, so the
+    final state and every gradient come out as they are (no shifted copies, no extra last step,
+    no gradient to unshift), and the chunk boundaries are rwkv6's own. The two derivations are
+    independent, and the equivalence tests check them against each other.
+    """
+    o_read, S_T = gla.chunked_forward(r, k, v, w, None, scale=scale, initial_state=initial_state,
+                                      chunk_size=chunk_size, strict=True)
+    return o_read + scale * _bonus(r, k, u)[..., None] * v, S_T     # 5. [B, T, H, V]
+
+
+@vjp_form(SPEC, chunked=True)
+def chunkwise_vjp(r, k, v, w, u, do, dht, *, scale, initial_state, chunk_size):
+    """Backward of ``chunkwise``: gla's strict chunkwise vjp (per-chunk states only; the gate
+    gradient from the gate identity, reverse-summed inside each chunk) plus the bonus terms."""
+    g = gla.chunked_vjp(r, k, v, w, None, do=do, dht=dht, scale=scale, initial_state=initial_state,
+                        chunk_size=chunk_size, strict=True)
+    dr, dk, dv, du = _bonus_vjp(r, k, v, u, do, scale)
+    return {"r": dr + g["q"], "k": dk + g["k"], "v": dv + g["v"], "w": g["g"],
+            "u": du, "initial_state": g["initial_state"]}
