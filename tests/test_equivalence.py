@@ -23,17 +23,21 @@ def _assert_rows(rows):
 
 @pytest.mark.parametrize("op,variant,regime", CASES, ids=IDS)
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_forms_agree_with_recurrent(op, variant, regime, dtype):
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+def test_forms_agree_with_recurrent(op, variant, regime, dtype, initial_state):
     rows = []
     for T in check.FULL_LENGTHS:
-        rows += check.check_forward(op, variant, regime, dtype, T, check.FULL_CHUNKS, seed=T)
+        rows += check.check_forward(op, variant, regime, dtype, T, check.FULL_CHUNKS, seed=T,
+                                    initial_state=initial_state)
     _assert_rows(rows)
 
 
 @pytest.mark.parametrize("op,variant,regime", CASES, ids=IDS)
 @pytest.mark.parametrize("T", [1, 7, 33])
-def test_backward_against_recurrent_and_finite_differences(op, variant, regime, T):
-    rows = check.check_backward(op, variant, regime, np.float64, T, chunk_sizes=(1, 3, 16, 10**6), seed=T)
+@pytest.mark.parametrize("initial_state", [True, False], ids=["h0", "no_h0"])
+def test_backward_against_recurrent_and_finite_differences(op, variant, regime, T, initial_state):
+    rows = check.check_backward(op, variant, regime, np.float64, T, chunk_sizes=(1, 3, 16, 10**6), seed=T,
+                                initial_state=initial_state)
     assert any("finite differences" in r.check for r in rows)
     _assert_rows(rows)
 

@@ -39,7 +39,7 @@ def test_every_backward_matches_the_loop_for_any_shape(p):
                             initial_state=p["with_state"], **p["dims"])
     o, ht = check.run_form(p["op"], "recurrent", x)
     do, dht = check.cotangents(p["op"], o, ht, np.random.default_rng(p["seed"]))
-    ref = check.run_vjp(p["op"], "recurrent", x, do, dht)
-    testing.assert_close(check.run_vjp(p["op"], "parallel", x, do, dht), ref, "float64", "parallel_vjp")
-    testing.assert_close(check.run_vjp(p["op"], "chunkwise", x, do, dht, p["chunk"]), ref, "float64",
-                         "chunkwise_vjp")
+    ref = {k: v for k, v in check.run_vjp(p["op"], "recurrent", x, do, dht).items() if v is not None}
+    for form, chunk in (("parallel", None), ("chunkwise", p["chunk"])):
+        got = check.run_vjp(p["op"], form, x, do, dht, chunk)
+        testing.assert_close({k: got[k] for k in ref}, ref, "float64", f"{form}_vjp")

@@ -76,3 +76,8 @@ def test_an_all_zero_leaf_is_judged_against_the_other_leaves():
     assert testing.compare(noise, ref, "float64").ok
     assert not testing.compare({"dq": np.array([1e-9, 0.0]), "dk": ref["dk"]}, ref, "float64").ok
     assert not testing.compare(np.array([1e-16]), np.array([0.0]), "float64").ok  # nothing else to go by
+    # a leaf that is rounding noise on the joint scale is judged at the joint floor
+    noisy_ref = {"dq": np.array([1e-16, -1e-16]), "dk": np.array([2.0, -3.0])}
+    assert testing.compare({"dq": np.array([-1e-16, 2e-16]), "dk": ref["dk"]}, noisy_ref).ok
+    assert testing.compare(np.array([2e-16]), np.array([1e-16]), zero_scale=3.0).ok
+    assert not testing.compare(np.array([2e-11]), np.array([1e-16]), zero_scale=3.0).ok
