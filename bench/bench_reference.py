@@ -13,23 +13,14 @@ Results go to bench/results/reference.json. Timings are never asserted anywhere.
 """
 from __future__ import annotations
 
-import os
+import argparse
+from pathlib import Path
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+import _harness  # pins BLAS threads before NumPy loads
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-import linrec_ref  # noqa: E402
-from linrec_ref import registry, testing  # noqa: E402
+import linrec_ref
+from linrec_ref import registry, testing
 
 QKV_SIZES = {"B": 1, "H": 8, "K": 64, "V": 64}
 SIZES = {  # ops whose dimension letters differ from B, H, K, V
@@ -37,29 +28,6 @@ SIZES = {  # ops whose dimension letters differ from B, H, K, V
     "hgrn": {"B": 1, "D": 512},
     "lru": {"B": 1, "P": 64, "Q": 64, "S": 64},
 }
-
-
-def median_seconds(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def matmul_gflops(n: int = 1024) -> float:
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    return 2 * n ** 3 / median_seconds(lambda: a @ a) / 1e9
-
-
-def flops_chunkwise(T: int, H: int, K: int, V: int, C: int) -> float:
-    """Matrix-product FLOPs of one chunkwise forward (B = 1): per chunk, Q K^T (2 C^2 K), the
-    masked scores times V (2 C^2 V), the chunk state K^T V (2 C K V) and the inter-chunk read
-    Q S (2 C K V). Elementwise work (exp, masks) is not counted."""
-    N = -(-T // C)
-    return H * N * (2 * C * C * K + 2 * C * C * V + 4 * C * K * V)
 
 
 def torch_peer(op: str, x: dict):
@@ -100,16 +68,16 @@ def bench_op(op: str, T: int, chunk: int, repeats: int) -> dict:
     o, _ = fwd()
     do = np.ones_like(o)
     bwd = lambda: registry.form(op, "chunkwise_vjp")(**x, do=do, chunk_size=chunk)
-    t_fwd = median_seconds(fwd, repeats)
-    t_fb = t_fwd + median_seconds(bwd, repeats)
+    t_fwd = _harness.median_time(fwd, repeats)[0]
+    t_fb = t_fwd + _harness.median_time(bwd, repeats)[0]
     row = {"op": op, "shape": sizes, "dtype": "float32", "chunk": chunk,
            "fwd_ms": 1e3 * t_fwd, "fwd_tokens_per_s": T / t_fwd,
            "fwd_bwd_ms": 1e3 * t_fb, "bwd_over_fwd": t_fb / t_fwd - 1}
     if all(d in sizes for d in "HKV"):
-        row["fwd_gflops"] = flops_chunkwise(T, sizes["H"], sizes["K"], sizes["V"], chunk) / t_fwd / 1e9
+        row["fwd_gflops"] = _harness.flops_chunkwise(1, T, sizes["H"], sizes["K"], sizes["V"], chunk) / t_fwd / 1e9
     peer = torch_peer(op, x)
     if peer is not None:
-        t_peer = median_seconds(peer, max(3, repeats // 2))
+        t_peer = _harness.median_time(peer, max(3, repeats // 2))[0]
         row["torch_eager_loop_ms"] = 1e3 * t_peer
         row["speedup_vs_torch_eager_loop"] = t_peer / t_fwd
     return row
@@ -123,21 +91,11 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "reference.json"))
     args = p.parse_args(argv)
-    try:
-        import threadpoolctl
-        threadpoolctl.threadpool_limits(1)
-    except ImportError:
-        pass
-    env = {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
-           "python": platform.python_version(), "numpy": np.__version__,
-           "linrec_ref": linrec_ref.__version__, "blas_threads": os.environ["OPENBLAS_NUM_THREADS"]}
-    try:
-        import torch
-        env["torch"] = torch.__version__
-    except ImportError:
-        env["torch"] = "not installed (no peer ratios)"
-    env["matmul_gflops_fp32"] = matmul_gflops()
-    print(json.dumps(env, indent=1))
+    _harness.pin_threads()
+    env = dict(_harness.environment(), linrec_ref=linrec_ref.__version__)
+    env["matmul_gflops_fp32"] = _harness.matmul_gflops()
+    for key, value in env.items():
+        print(f"{key}: {value}")
     rows = []
     for op in args.ops or registry.available():
         row = bench_op(op, args.T, args.chunk, args.repeats)
@@ -151,10 +109,7 @@ def main(argv=None) -> int:
         print(f"{op:18s} fwd {row['fwd_ms']:8.2f} ms  {row['fwd_tokens_per_s']:>10,.0f} tok/s  "
               f"fwd+bwd {row['fwd_bwd_ms']:8.2f} ms (bwd = {row['bwd_over_fwd']:.1f}x fwd){frac}{extra}")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-        json.dump({"env": env, "rows": rows}, f, indent=1)
-    os.replace(f.name, out)  # atomic: a reader never sees a half-written file
+    _harness.write_json_atomic(out, {"env": env, "rows": rows})
     print(f"wrote {out}")
     return 0
 

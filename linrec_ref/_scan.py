@@ -38,14 +38,30 @@ def to_chunks(x: np.ndarray, C: int) -> np.ndarray:
 
     Zero padding is neutral for every op here: padded tokens have zero keys/inputs (no write)
     and zero log gates (decay 1), so the carried state is unchanged by them.
+    When C divides T no padding is needed and the result is a read-only view of x (no copy;
+    writing into it raises instead of silently changing the caller's array).
     """
     B, T = x.shape[:2]
     N = num_chunks(T, C)
+    if N * C == T:
+        view = chunk_view(x, C)
+        view.flags.writeable = False
+        return view
     pad = [(0, 0)] * x.ndim
     pad[1] = (0, N * C - T)
     x = np.pad(x, pad)                                             # [B, N*C, H, ...]
     x = x.reshape((B, N, C) + x.shape[2:])                         # [B, N, C, H, ...]
     return np.moveaxis(x, 3, 1)                                    # [B, H, N, C, ...]
+
+
+def chunk_view(x: np.ndarray, C: int) -> np.ndarray:
+    """[B, N*C, H, ...] -> a writable view [B, H, N, C, ...] (T must be a multiple of C).
+
+    For writing a chunked result straight into an output array without a copy."""
+    B, T = x.shape[:2]
+    if T % C:
+        raise ValueError(f"chunk_view needs T divisible by C, got T={T}, C={C}")
+    return np.moveaxis(x.reshape((B, T // C, C) + x.shape[2:]), 3, 1)      # [B, H, N, C, ...]
 
 
 def from_chunks(x: np.ndarray, T: int) -> np.ndarray:

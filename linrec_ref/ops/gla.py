@@ -1,0 +1,421 @@
+r"""gla: gated linear attention with a per-key-channel decay and an optional value-side decay.
+
+Recurrence (one batch element, one head; inclusive read, the state after step t):
+
+    S_t = diag(a_t) S_{t-1} diag(b_t) + k_t v_t^T,     a_t = exp(g_t) in [0, 1]^K,
+                                                        b_t = exp(gv_t) in [0, 1]^V (1 if no gv)
+    o_t = scale * S_t^T q_t
+
+Glossary
+    symbol   argument   shape          paper (GLA, Yang et al.)        fla (chunk_gla / fused_recurrent_gla)
+    q_t      q          [B, T, H, K]   q_t                             q
+    k_t      k          [B, T, H, K]   k_t                             k
+    v_t      v          [B, T, H, V]   v_t                             v
+    g_t      g          [B, T, H, K]   log alpha_t (key-side gate)     g (chunk_gla), gk (fused_recurrent_gla)
+    gv_t     gv         [B, T, H, V]   log beta_t (value-side gate)    gv (fused_recurrent_gla only)
+    S_t      state      [N, H, K, V]   S_t                             initial_state / final_state
+    scale    scale      float          1/sqrt(d_k)                     scale (default K^-1/2)
+    G_t      -          per chunk      log b_t (cumulative decay)      gk after chunk_local_cumsum
+
+Forms
+    recurrent  the loop above (ground truth); O(K V) memory per head.
+    parallel   o_t = scale * sum_{s<=t} A[t, s] (v_s * exp(Gv_t - Gv_s)) + read of S_0, with
+               A[t, s] = sum_k q_t[k] k_s[k] exp(G_t[k] - G_s[k]) and the per-channel decay mask
+               exp(segsum(g)) [B, H, K, T, T] (O(T^2 K) by nature).
+    chunkwise  chunks of C tokens: the intra-chunk scores through ``linrec_ref._decay`` (one
+               matmul per chunk where the chunk's decay range allows factoring, exact
+               elementwise segment sums elsewhere), the state carried across chunks with
+               exp(G_last - G_s) <= 1 and exp(G_last) <= 1 only.
+    step       one token of the recurrence (decoding).
+    attention_matrix(q, k, g)  scale * A [B, H, T, T]. It takes no gv: with a value gate the
+               map from v to o is a different T x T matrix for every value channel.
+
+Gradients (hand-written vector-Jacobian products):
+    dS_t = scale q_t do_t^T + diag(a_{t+1}) dS_{t+1} diag(b_{t+1}),  dS_T = dht
+    dq_t = scale S_t do_t,  dk_t = dS_t v_t,  dv_t = dS_t^T k_t,  dS_0 = diag(a_1) dS_1 diag(b_1)
+    dg_t  = rowsum(dS_t * P_t),  dgv_t = colsum(dS_t * P_t),  P_t = diag(a_t) S_{t-1} diag(b_t)
+The parallel and chunkwise backwards use the gate identity, per channel, with G (Gv) the
+cumulative log decay inside a chunk:
+    dL/dG_t  = q_t * dq_t - k_t * dk_t  (+ rowsum(dS_end * S_end) at the chunk's last token)
+    dL/dGv_t = o_t * do_t - v_t * dv_t  (+ colsum(dS_end * S_end) at the chunk's last token)
+and dg (dgv) is its reverse cumulative sum inside the chunk. At a hard reset (g_r = -inf) the
+derivative is exactly 0 (d/dg of exp(g) X at g = -inf) and the terms from r on sum to exactly 0,
+so the reverse sum restarts there (``_decay.reverse_cumsum_in_chunks(reset=...)``): dg is an
+exact 0 wherever the recurrent ground truth gives one, with no rounding residual.
+
+Reuse: ``chunked_forward`` / ``chunked_vjp`` are the dense chunkwise cores with two extra
+keywords, ``strict`` (read the state before the update, mask s < t: rwkv6, which adds its bonus
+term itself) and ``fast_bound`` (force the factored or the exact path, for tests). mamba calls
+them with one head per channel, K = N, V = 1.
+
+Peers: fla ``chunk_gla`` (g), ``fused_recurrent_gla`` (gk, gv).
+
+References: Yang, Wang, Shen, Panda, Kim, "Gated Linear Attention Transformers with
+Hardware-Efficient Training", ICML 2024 (the value-side gate of fla's fused_recurrent_gla is
+the "gv" of the paper's general form S_t = (alpha_t^T beta_t) * S_{t-1} + k_t^T v_t).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _regimes
+from .._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
+from .._forms import forward_form, matrix_form, step_form, vjp_form
+from .._scan import chunk_view, from_chunks, reverse_sweep, segsum, to_chunks
+from .._spec import Arg, OpSpec
+
+
+def _gate(rng, shape, regime, dtype):
+    """A per-channel log gate; in "hard_reset" also single channels reset (-inf) at ~5% of
+    (t, channel) entries after t = 0, on top of the whole-step resets of the regime."""
+    g = _regimes.log_decay(rng, shape, regime, np.float64)
+    if regime == "hard_reset":
+        partial = rng.uniform(size=shape) < 0.05
+        partial[:, 0] = False
+        g[partial] = -np.inf
+    return g.astype(dtype)
+
+
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, k, v ~ N(0, 1); g (and gv for "value_gate") from the regime."""
+    B, T, H, K, V = (dims[d] for d in "BTHKV")
+    x = {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "g": _gate(rng, (B, T, H, K), regime, dtype),
+    }
+    if variant == "value_gate":
+        x["gv"] = _gate(rng, (B, T, H, V), regime, dtype)
+    return x
+
+
+SPEC = OpSpec(
+    name="gla",
+    family="gated linear attention (per-channel gate)",
+    transition="diagonal decay",
+    math="S_t = diag(exp(g_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T;  o_t = scale S_t^T q_t",
+    inputs=(Arg("q", "BTHK"), Arg("k", "BTHK"), Arg("v", "BTHV"), Arg("g", "BTHK", log_gate=True),
+            Arg("gv", "BTHV", log_gate=True, optional=True)),
+    output="BTHV",
+    state=(Arg("state", "NHKV"),),
+    default_scale=lambda d: d["K"] ** -0.5,
+    peers=("fla.ops.gla.chunk_gla (g)", "fla.ops.gla.fused_recurrent_gla (gk=g, gv=gv)"),
+    make_inputs=make_inputs,
+    regimes=tuple(_regimes.DECAY_REGIMES),
+    default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
+    variants={"default": {}, "value_gate": {}},
+)
+
+
+# ----------------------------------------------------------------------------- recurrent
+def _advance(q, k, v, g, gv):
+    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse sweeps."""
+    a = np.exp(g)                                                   # [B, T, H, K]
+    b = None if gv is None else np.exp(gv)                          # [B, T, H, V]
+
+    def decayed(S, t):                                              # diag(a_t) S diag(b_t)
+        S = a[:, t, :, :, None] * S                                 # [B, H, K, V]
+        return S if b is None else S * b[:, t, :, None, :]
+
+    def advance(S, t):
+        return decayed(S, t) + k[:, t, :, :, None] * v[:, t, :, None, :]
+
+    return advance, decayed
+
+
+@forward_form(SPEC)
+def recurrent(q, k, v, g, gv, *, scale, initial_state):
+    """The definition: a loop over t. q, k, g: [B, T, H, K]; v, gv: [B, T, H, V]."""
+    advance, _ = _advance(q, k, v, g, gv)
+    S = initial_state                                               # [B, H, K, V]
+    o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
+    for t in range(q.shape[1]):
+        S = advance(S, t)
+        o[:, t] = scale * (q[:, t, :, None, :] @ S)[:, :, 0, :]     # [B, H, V]
+    return o, S
+
+
+@step_form(SPEC)
+def step(q, k, v, g, gv, *, state, scale):
+    """One token: q, k, g: [B, H, K]; v, gv: [B, H, V]; state: [B, H, K, V]."""
+    S = np.exp(g)[..., :, None] * state                             # [B, H, K, V]
+    if gv is not None:
+        S = S * np.exp(gv)[..., None, :]
+    S = S + k[..., :, None] * v[..., None, :]
+    o = scale * (q[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]
+    return o, S
+
+
+@vjp_form(SPEC)
+def recurrent_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
+    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dS (ground truth).
+
+    dg_t = rowsum(dS_t * P_t) and dgv_t = colsum(dS_t * P_t) with P_t = diag(a_t) S_{t-1}
+    diag(b_t), computed directly. Memory: states are recomputed from checkpoints
+    (``_scan.reverse_sweep``), never all T kept.
+    """
+    advance, decayed = _advance(q, k, v, g, gv)
+    dq, dk, dv, dg = (np.zeros_like(x) for x in (q, k, v, g))
+    dgv = None if gv is None else np.zeros_like(gv)
+    dS = dht.copy()                                                 # [B, H, K, V]
+
+    def visit(t, S_prev, S_t):
+        nonlocal dS
+        dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
+        dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
+        dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]                  # [B, H, K]
+        dv[:, t] = (k[:, t, :, None, :] @ dS)[:, :, 0, :]              # [B, H, V]
+        dSP = dS * decayed(S_prev, t)                                  # [B, H, K, V]
+        dg[:, t] = dSP.sum(-1)                                         # [B, H, K]
+        if gv is not None:
+            dgv[:, t] = dSP.sum(-2)                                    # [B, H, V]
+        dS = decayed(dS, t)                                            # to S_{t-1}
+
+    reverse_sweep(advance, initial_state, q.shape[1], visit)
+    return {"q": dq, "k": dk, "v": dv, "g": dg, "gv": dgv, "initial_state": dS}
+
+
+# ----------------------------------------------------------------------------- parallel
+def _decay_mask(g):
+    """g: [B, T, H, D] -> [B, H, D, T, T], exp(g_{s+1} + ... + g_t) for s <= t, else 0."""
+    return np.exp(segsum(np.moveaxis(g, 1, -1)))                  # [B, H, D, T, T]
+
+
+def _heads(x):
+    """[B, T, H, D] -> [B, H, T, D] (a view)."""
+    return np.moveaxis(x, 1, 2)
+
+
+@matrix_form(SPEC, names=("q", "k", "g"))
+def attention_matrix(q, k, g, *, scale):
+    """M[b, h, t, s] = scale * sum_k q_t[k] k_s[k] exp(g_{s+1}[k] + .. + g_t[k]): [B, H, T, T].
+
+    Without gv, o = M v. Takes no gv: with a value gate the map from v to o differs for every
+    value channel j (M[t, s] * exp(gv_{s+1}[j] + .. + gv_t[j])), so it is not one T x T matrix.
+    """
+    return scale * np.einsum("bhtk,bhsk,bhkts->bhts", _heads(q), _heads(k), _decay_mask(g))
+
+
+def _parallel_parts(q, k, v, g, gv, scale, initial_state):
+    """Shared by the parallel forward and backward: masks, scores, output and final state."""
+    qh, kh, vh = _heads(q), _heads(k), _heads(v)                    # [B, H, T, K|V]
+    Dk = _decay_mask(g)                                             # [B, H, K, T, T]
+    Dv = None if gv is None else _decay_mask(gv)                    # [B, H, V, T, T]
+    A = scale * np.einsum("bhtk,bhsk,bhkts->bhts", qh, kh, Dk)      # [B, H, T, T]
+    ak0 = np.exp(np.cumsum(_heads(g), axis=2))                      # [B, H, T, K]: exp(G_t), G from t=0
+    av0 = 1.0 if gv is None else np.exp(np.cumsum(_heads(gv), axis=2))  # [B, H, T, V]
+    k_end = kh * Dk[..., -1, :].swapaxes(-1, -2)                    # [B, H, T, K]: k_s exp(G_T - G_s)
+    if gv is None:
+        o = A @ vh                                                  # [B, H, T, V]
+        v_end = vh
+    else:
+        o = np.einsum("bhts,bhsv,bhvts->bhtv", A, vh, Dv)           # [B, H, T, V]
+        v_end = vh * Dv[..., -1, :].swapaxes(-1, -2)                # [B, H, T, V]
+    o = o + scale * av0 * ((qh * ak0) @ initial_state)              # read of S_0
+    decay_all = ak0[..., -1, :, None] * initial_state               # [B, H, K, V]
+    if gv is not None:
+        decay_all = decay_all * av0[..., -1, None, :]
+    S_T = decay_all + k_end.swapaxes(-1, -2) @ v_end                # [B, H, K, V]
+    return qh, kh, vh, Dk, Dv, A, ak0, av0, k_end, v_end, o, S_T
+
+
+@forward_form(SPEC)
+def parallel(q, k, v, g, gv, *, scale, initial_state):
+    """o_t = sum_{s<=t} A[t, s] (v_s * exp(Gv_t - Gv_s)) + scale exp(Gv_t) * (S_0^T (q_t exp(G_t)))."""
+    *_, o, S_T = _parallel_parts(q, k, v, g, gv, scale, initial_state)
+    return _heads(o), S_T
+
+
+@vjp_form(SPEC)
+def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
+    """Backward of the parallel form: einsums over the decay masks, then the gate identity."""
+    qh, kh, vh, Dk, Dv, A, ak0, av0, k_end, v_end, o, S_T = _parallel_parts(
+        q, k, v, g, gv, scale, initial_state)
+    doh = _heads(do)                                                # [B, H, T, V]
+    if gv is None:
+        dA = scale * np.tril(doh @ vh.swapaxes(-1, -2))             # [B, H, T, T]
+        dv = A.swapaxes(-1, -2) @ doh                               # [B, H, T, V]
+    else:
+        dA = scale * np.einsum("bhtv,bhsv,bhvts->bhts", doh, vh, Dv)
+        dv = np.einsum("bhts,bhtv,bhvts->bhsv", A, doh, Dv)
+    v_to_end = 1.0 if gv is None else Dv[..., -1, :].swapaxes(-1, -2)   # [B, H, T, V]
+    k_to_end = Dk[..., -1, :].swapaxes(-1, -2)                      # [B, H, T, K]
+    do_read = scale * doh * av0                                     # [B, H, T, V]
+    dq = (np.einsum("bhts,bhsk,bhkts->bhtk", dA, kh, Dk)
+          + ak0 * (do_read @ initial_state.swapaxes(-1, -2)))       # [B, H, T, K]
+    dk = (np.einsum("bhts,bhtk,bhkts->bhsk", dA, qh, Dk)
+          + k_to_end * (v_end @ dht.swapaxes(-1, -2)))              # [B, H, T, K]
+    dv = dv + v_to_end * (k_end @ dht)                              # [B, H, T, V]
+    dh0 = ak0[..., -1, :, None] * dht                               # [B, H, K, V]
+    if gv is not None:
+        dh0 = dh0 * av0[..., -1, None, :]
+    dh0 = dh0 + (qh * ak0).swapaxes(-1, -2) @ do_read
+    # gate identity over the whole sequence (one chunk)
+    dG = qh * dq - kh * dk                                          # [B, H, T, K]
+    dG[..., -1, :] += np.sum(dht * S_T, axis=-1)
+    dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(_heads(g)))  # [B, H, T, K]
+    out = {"q": _heads(dq), "k": _heads(dk), "v": _heads(dv), "g": _heads(dg), "initial_state": dh0}
+    if gv is not None:
+        dF = o * doh - vh * dv                                      # [B, H, T, V]
+        dF[..., -1, :] += np.sum(dht * S_T, axis=-2)
+        out["gv"] = _heads(reverse_cumsum_in_chunks(dF, reset=np.isneginf(_heads(gv))))
+    return out
+
+
+# ----------------------------------------------------------------------------- chunkwise
+def _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound):
+    """Steps 1-3 of the chunkwise form, shared by forward and backward.
+
+    Returns the chunked inputs, the decays of g and gv (``_decay.ChunkDecay``), the masked
+    intra-chunk scores A (without the scale), the state entering every chunk and the final state.
+    """
+    qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)        # [B, H, N, C, K|V]
+    dkey = chunk_decay(to_chunks(g, C), strict, fast_bound)           # decays [B, H, N, C, K]
+    dval = None if gv is None else chunk_decay(to_chunks(gv, C), strict, fast_bound)  # [.., V]
+    # 1. intra-chunk scores A[t, s] = sum_k q_t k_s exp(Gq_t - G_s), on the causal mask
+    A = decayed_scores(qc, kc, dkey)                                # [B, H, N, C, C]
+    # 2. each chunk's own contribution to its end state: sum_s (k_s e^{G_end-G_s}) (v_s ...)^T
+    v_end = vc if dval is None else vc * dval.to_end                # [B, H, N, C, V]
+    U = (kc * dkey.to_end).swapaxes(-1, -2) @ v_end                 # [B, H, N, K, V]
+    # 3. carry across chunks: S_n = diag(e^{G_end}) S_{n-1} diag(e^{Gv_end}) + U_n
+    S_in = np.empty_like(U)                                         # [B, H, N, K, V]
+    S = initial_state                                               # [B, H, K, V]
+    for n in range(U.shape[2]):
+        S_in[:, :, n] = S
+        S = dkey.total[:, :, n, :, None] * S
+        if dval is not None:
+            S = S * dval.total[:, :, n, None, :]
+        S = S + U[:, :, n]
+    return qc, kc, vc, dkey, dval, A, S_in, S
+
+
+def _chunk_output(qc, vc, dkey, dval, A, S_in, scale, out=None):
+    """Step 4: scale * (intra-chunk output + read of the entering state) -> [B, H, N, C, V].
+
+    out: optional [B, H, N, C, V] array (e.g. a chunked view of the final output) to write into.
+    """
+    if dval is None:
+        out = np.matmul(A, vc, out=out)                             # [B, H, N, C, V]
+    elif out is None:
+        out = decayed_mix(A, vc, dval)
+    else:
+        out[...] = decayed_mix(A, vc, dval)
+    read = (qc * dkey.eq) @ S_in                                    # [B, H, N, C, V]
+    if dval is not None:
+        read *= dval.eq
+    out += read
+    out *= scale
+    return out
+
+
+def chunked_forward(q, k, v, g, gv=None, *, scale, initial_state, chunk_size, strict=False,
+                    fast_bound=None):
+    """Dense chunkwise forward (no checks), also used by rwkv6 (strict=True) and mamba.
+
+    q, k, g: [B, T, H, K]; v, gv: [B, T, H, V] (gv may be None); initial_state: [B, H, K, V].
+    strict: o_t reads the state before the update at t (o_t = scale S_{t-1}^T q_t).
+    fast_bound: see ``_decay.chunk_decay`` (None: the dtype's default).
+    Returns (o [B, T, H, V], final state [B, H, K, V]).
+    """
+    B, T, H, V = v.shape
+    C = max(1, min(chunk_size, T))                                  # one chunk covers T <= C
+    qc, kc, vc, dkey, dval, A, S_in, S_T = _chunk_parts(
+        q, k, v, g, gv, initial_state, C, strict, fast_bound)
+    N = qc.shape[2]
+    o = np.empty((B, N * C, H, V), dtype=v.dtype)                   # [B, N*C, H, V]
+    _chunk_output(qc, vc, dkey, dval, A, S_in, scale, out=chunk_view(o, C))  # 4. written into o
+    return (o if N * C == T else np.ascontiguousarray(o[:, :T])), S_T
+
+
+def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_size, strict=False,
+                fast_bound=None):
+    """Dense chunkwise backward (no checks) matching ``chunked_forward``; returns the grad dict.
+
+    1. recompute the chunk states S_in (forward steps 1-3)
+    2. carry the state cotangent backwards:
+       dS_end[n-1] = diag(e^{G_end}) dS_end[n] diag(e^{Gv_end}) + scale (Q e^{Gq})^T (dO e^{Gvq})
+    3. intra-chunk gradients through ``_decay`` (dA, then dq, dk, dv), plus the terms through
+       S_in and the chunk end
+    4. dg (dgv) from the gate identity, reverse-summed inside each chunk
+    """
+    T = q.shape[1]
+    C = max(1, min(chunk_size, T))
+    qc, kc, vc, dkey, dval, A, S_in, S_T = _chunk_parts(
+        q, k, v, g, gv, initial_state, C, strict, fast_bound)
+    doc = to_chunks(do, C)                                            # [B, H, N, C, V]
+    N = qc.shape[2]
+    # 2. dS_end[n]: cotangent of the state at the end of chunk n
+    q_read = scale * qc * dkey.eq                                   # [B, H, N, C, K]
+    do_read = doc if dval is None else doc * dval.eq                # [B, H, N, C, V]
+    local = q_read.swapaxes(-1, -2) @ do_read                       # [B, H, N, K, V]
+    dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
+    dS = dht
+    for n in reversed(range(N)):
+        dS_end[:, :, n] = dS
+        dS = dkey.total[:, :, n, :, None] * dS
+        if dval is not None:
+            dS = dS * dval.total[:, :, n, None, :]
+        dS = dS + local[:, :, n]
+    dh0 = dS
+    # 3. intra-chunk and state terms
+    k_end = kc * dkey.to_end                                        # [B, H, N, C, K]
+    v_end = vc if dval is None else vc * dval.to_end                # [B, H, N, C, V]
+    if dval is None:
+        dA = scale * (doc @ vc.swapaxes(-1, -2))                    # [B, H, N, C, C] (masked below)
+        dv = scale * (A.swapaxes(-1, -2) @ doc)                     # A is masked
+        dv += k_end @ dS_end                                        # [B, H, N, C, V]
+    else:
+        dA = scale * decayed_scores(doc, vc, dval)                  # [B, H, N, C, C]
+        dv = scale * decayed_mix_t(A, doc, dval) + dval.to_end * (k_end @ dS_end)
+    dq = decayed_mix(dA, kc, dkey) + scale * dkey.eq * (do_read @ S_in.swapaxes(-1, -2))
+    dk = decayed_mix_t(dA, qc, dkey) + dkey.to_end * (v_end @ dS_end.swapaxes(-1, -2))
+    # 4. gate identity per chunk; S_end[n] = S_in[n+1], the last one is the final state
+    S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
+    dSS = dS_end * S_end                                            # [B, H, N, K, V]
+    dg = _gate_grad(qc * dq, kc * dk, dSS.sum(-1), dkey)            # [B, H, N, C, K]
+    grads = {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
+             "g": from_chunks(dg, T), "gv": None, "initial_state": dh0}
+    if dval is not None:
+        o = _chunk_output(qc, vc, dkey, dval, A, S_in, scale)       # [B, H, N, C, V]
+        grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), dval), T)
+    return grads
+
+
+def _gate_grad(read, write, end, d):
+    """dL/dg inside each chunk from the gate identity.
+
+    read:  [..., C, D] x_t * dx_t of the query side (its decay is Gq_t: G_t, or G_{t-1} if strict)
+    write: [..., C, D] y_s * dy_s of the key side (decay -G_s)
+    end:   [..., D] the explicit derivative by G_last of the chunk's end state
+    dL/dG_u = read at the t whose Gq_t is G_u - write_u (+ end at the last u); dg = rev-cumsum.
+    """
+    dG = -write                                                     # [..., C, D]
+    if d.strict:
+        dG[..., :-1, :] += read[..., 1:, :]                         # Gq_t = G_{t-1}; Gq_0 = 0
+    else:
+        dG += read
+    dG[..., -1, :] += end
+    return reverse_cumsum_in_chunks(dG, reset=np.isneginf(d.g))     # [..., C, D], 0 at resets
+
+
+@forward_form(SPEC, chunked=True)
+def chunkwise(q, k, v, g, gv, *, scale, initial_state, chunk_size):
+    """Chunks of C = chunk_size tokens (T need not divide). Memory: O(T/C * K V) per head.
+
+    1. intra-chunk scores A[t, s] = scale sum_k q_t[k] k_s[k] exp(G_t[k] - G_s[k]) (s <= t):
+       one matmul (q e^{G}) (k e^{-G})^T per chunk whose decay range allows it, exact segment
+       sums elsewhere (``linrec_ref._decay``)
+    2. chunk states: U_n = sum_s (k_s e^{G_end - G_s}) (v_s e^{Gv_end - Gv_s})^T
+    3. carry: S_n = diag(e^{G_end}) S_{n-1} diag(e^{Gv_end}) + U_n, one loop over chunks
+    4. output: A v (with the value decay if gv) + scale e^{Gv_t} * (S_{n-1}^T (q_t e^{G_t}))
+    """
+    return chunked_forward(q, k, v, g, gv, scale=scale, initial_state=initial_state,
+                           chunk_size=chunk_size)
+
+
+@vjp_form(SPEC, chunked=True)
+def chunkwise_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state, chunk_size):
+    """Backward of the chunkwise form (see ``chunked_vjp``). Keeps only per-chunk states."""
+    return chunked_vjp(q, k, v, g, gv, do=do, dht=dht, scale=scale, initial_state=initial_state,
+                       chunk_size=chunk_size)
