@@ -242,6 +242,7 @@ def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
     v_to_end = 1.0 if gv is None else Dv[..., -1, :].swapaxes(-1, -2)   # [B, H, T, V]
     k_to_end = Dk[..., -1, :].swapaxes(-1, -2)                      # [B, H, T, K]
     do_read = scale * doh * av0                                     # [B, H, T, V]
+    dA, dA_diag = _split_diagonal(dA, strict=False)                 # s = t terms kept apart
     dq = (np.einsum("bhts,bhsk,bhkts->bhtk", dA, kh, Dk)
           + ak0 * (do_read @ initial_state.swapaxes(-1, -2)))       # [B, H, T, K]
     dk = (np.einsum("bhts,bhtk,bhkts->bhsk", dA, qh, Dk)
@@ -255,6 +256,7 @@ def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
     dG = qh * dq - kh * dk                                          # [B, H, T, K]
     dG[..., -1, :] += np.sum(dht * S_T, axis=-1)
     dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(_heads(g)))  # [B, H, T, K]
+    dq, dk = dq + dA_diag * kh, dk + dA_diag * qh                   # the s = t terms
     out = {"q": _heads(dq), "k": _heads(dk), "v": _heads(dv), "g": _heads(dg), "initial_state": dh0}
     if gv is not None:
         dF = o * doh - vh * dv                                      # [B, H, T, V]
@@ -368,18 +370,36 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
     else:
         dA = scale * decayed_scores(doc, vc, dval)                  # [B, H, N, C, C]
         dv = scale * decayed_mix_t(A, doc, dval) + dval.to_end * (k_end @ dS_end)
+    dA, dA_diag = _split_diagonal(dA, strict)                       # [.., C, C], [.., C, 1]
     dq = decayed_mix(dA, kc, dkey) + scale * dkey.eq * (do_read @ S_in.swapaxes(-1, -2))
     dk = decayed_mix_t(dA, qc, dkey) + dkey.to_end * (v_end @ dS_end.swapaxes(-1, -2))
-    # 4. gate identity per chunk; S_end[n] = S_in[n+1], the last one is the final state
+    # 4. gate identity per chunk (without the s = t terms); S_end[n] = S_in[n+1]
     S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
     dSS = dS_end * S_end                                            # [B, H, N, K, V]
     dg = _gate_grad(qc * dq, kc * dk, dSS.sum(-1), dkey)            # [B, H, N, C, K]
+    dq, dk = dq + dA_diag * kc, dk + dA_diag * qc                   # the s = t terms
     grads = {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
              "g": from_chunks(dg, T), "gv": None, "initial_state": dh0}
     if dval is not None:
         o = _chunk_output(qc, vc, dkey, dval, A, S_in, scale)       # [B, H, N, C, V]
         grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), dval), T)
     return grads
+
+
+def _split_diagonal(dA, strict):
+    """(dA without its s = t entries, those entries as [..., C, 1]).
+
+    The s = t terms of dq_t and dk_t (dA[t, t] k_t and dA[t, t] q_t, no decay) cancel exactly in
+    the gate identity q_t dq_t - k_t dk_t, but they are its largest terms in fast-forgetting
+    chunks; leaving them out of the identity (and adding them to dq, dk afterwards) keeps their
+    rounding out of dg, which matters in float32. A strict (s < t) mask has no diagonal."""
+    if strict:
+        return dA, np.zeros(dA.shape[:-1] + (1,), dtype=dA.dtype)
+    diag = np.diagonal(dA, axis1=-2, axis2=-1)[..., None].copy()    # [..., C, 1]
+    off = dA.copy()
+    idx = np.arange(dA.shape[-1])
+    off[..., idx, idx] = 0
+    return off, diag
 
 
 def _gate_grad(read, write, end, d):
