@@ -35,7 +35,7 @@ from typing import Callable, Dict, Optional, Sequence
 import numpy as np
 
 from . import _validation as V
-from ._spec import Arg, OpSpec, bind_default_options
+from ._spec import Arg, OpSpec, bind_default_options, parse_dims
 
 DEFAULT_CHUNK_SIZE = 64
 
@@ -82,7 +82,7 @@ def _check_state(spec: OpSpec, state_args, name: str, value, binder: V.Binder, r
     for arg, x in zip(state_args, parts):
         label = name if not is_tuple else f"{name}.{arg.name}"
         x = V.require_ndarray(spec.name, label, x)
-        dims = "".join(d for d in arg.dims if d not in drop)
+        dims = tuple(d for d in arg.dims if d not in drop)
         binder.bind(label, x, dims)
         want = _leaf_dtype(arg, real_dtype)
         if x.dtype != want:
@@ -102,7 +102,8 @@ def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = F
     drop = "T" if step else ""
     args = [a for a in spec.inputs if names is None or a.name in names]
     dtype = V.check_arrays(op, args, values, binder, drop=drop)
-    p = SimpleNamespace(inputs={a.name: values.get(a.name) for a in args}, dtype=dtype)
+    _check_head_groups(op, binder)
+    p = SimpleNamespace(inputs={a.name: values.get(a.name) for a in args}, dtype=dtype, step=step)
     p.scale = V.check_scale(op, values.get("scale")) if spec.default_scale is not None else None
     if spec.default_scale is not None and p.scale is None:
         p.scale = float(spec.default_scale(binder.sizes))
@@ -135,6 +136,52 @@ def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = F
         p.dht = dht
     p.sizes = binder.sizes
     return p
+
+
+# ---------------------------------------------------------------------------- grouped heads
+def _check_head_groups(op: str, binder: V.Binder) -> None:
+    """q/k heads H and value heads HV: HV must be a multiple of H."""
+    H, HV = binder.sizes.get("H"), binder.sizes.get("HV")
+    if H is not None and HV is not None and (H == 0 or HV % H):
+        raise V.InputError(
+            f"{op}: grouped heads need HV (value heads, {HV} from {binder.source['HV']}) to be a "
+            f"multiple of H (query/key heads, {H} from {binder.source['H']})"
+        )
+
+
+def _group_size(p) -> int:
+    H, HV = p.sizes.get("H"), p.sizes.get("HV")
+    return 1 if H is None or HV is None else HV // H
+
+
+def _expand_groups(spec: OpSpec, p) -> dict:
+    """Repeat every input with an H axis over the HV / H value heads it serves (value head j
+    reads q/k head j // G), so that cores see HV heads everywhere."""
+    G = _group_size(p)
+    if G == 1:
+        return p.inputs
+    out = dict(p.inputs)
+    for name, x in p.inputs.items():
+        dims = spec.arg(name).dims
+        if x is not None and "H" in dims:
+            axis = dims.index("H") - (1 if p.step and "T" in dims else 0)
+            out[name] = np.repeat(x, G, axis=axis)
+    return out
+
+
+def _reduce_groups(spec: OpSpec, p, grads: dict) -> dict:
+    """Adjoint of ``_expand_groups``: sum the gradient of a repeated input over its group."""
+    G = _group_size(p)
+    if G == 1:
+        return grads
+    out = dict(grads)
+    for name, x in p.inputs.items():
+        dims = spec.arg(name).dims
+        if x is not None and "H" in dims and grads.get(name) is not None:
+            axis = dims.index("H")
+            g = grads[name]
+            out[name] = g.reshape(g.shape[:axis] + (g.shape[axis] // G, G) + g.shape[axis + 1:]).sum(axis + 1)
+    return out
 
 
 # ---------------------------------------------------------------------------- signatures
@@ -217,6 +264,7 @@ def forward_form(spec: OpSpec, *, chunked: bool = False):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, chunked=chunked)
             kw = _core_kwargs(spec, p, chunked)
+            p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
                 o, ht = core(**p.inputs, initial_state=p.initial_state, **kw)
             else:
@@ -238,10 +286,14 @@ def vjp_form(spec: OpSpec, *, chunked: bool = False):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, chunked=chunked, vjp=True)
             kw = _core_kwargs(spec, p, chunked)
+            given = p.inputs
+            p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
                 grads = core(**p.inputs, do=p.do, dht=p.dht, initial_state=p.initial_state, **kw)
             else:
                 grads = _vjp_varlen(spec, core, p, kw)
+            p.inputs = given
+            grads = _reduce_groups(spec, p, grads)
             out = {n: (grads.get(n) if p.inputs.get(n) is not None else None) for n in spec.differentiable}
             out["initial_state"] = grads["initial_state"] if p.has_initial_state else None
             return out
@@ -278,7 +330,7 @@ def _forward_varlen(spec: OpSpec, core, p, kw):
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
         if hi == lo:  # zero-length segment: no output, the state passes through
-            shape = (1, 0) + tuple(p.sizes[d] for d in spec.output[2:])
+            shape = (1, 0) + tuple(p.sizes[d] for d in parse_dims(spec.output)[2:])
             outs.append(np.zeros(shape, dtype=p.dtype))
             finals.append(h0)
             continue
@@ -325,7 +377,7 @@ def step_form(spec: OpSpec):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, step=True)
             kw = _core_kwargs(spec, p, False)
-            return core(**p.inputs, state=p.initial_state, **kw)
+            return core(**_expand_groups(spec, p), state=p.initial_state, **kw)
 
         return _publish(form, core, sig, """
     One decoding step: the inputs of a single token (the forward form's shapes without T) and
@@ -345,7 +397,7 @@ def matrix_form(spec: OpSpec, names: Sequence[str]):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, names=tuple(names))
             kw = _core_kwargs(spec, p, False)
-            return core(**p.inputs, **kw)
+            return core(**_expand_groups(spec, p), **kw)
 
         return _publish(form, core, sig, """
     Returns the implicit attention matrix M [B, H, T, T] (lower triangular) such that the parallel

@@ -5,10 +5,13 @@ Every op module defines one ``SPEC = OpSpec(...)``. The same object drives input
 bookkeeping), the registry (``linrec ops``), the random-input generators of ``linrec_ref.testing``
 and the equivalence matrix of ``linrec check``. Op modules therefore contain only the math.
 
-Shapes are written as strings of one-letter dimension names, e.g. ``"BTHK"`` for ``[B, T, H, K]``.
-A letter names the same size everywhere it appears within one call. Reserved letters:
-``B`` batch, ``T`` time, ``N`` number of sequences in the state (``B``, or the number of segments
-with ``cu_seqlens``).
+Shapes are written as strings of one-letter dimension names, e.g. ``"BTHK"`` for ``[B, T, H, K]``,
+or, where a name has several letters, as space-separated names, e.g. ``"B T HV V"``. A name
+denotes the same size everywhere it appears within one call. Reserved names: ``B`` batch, ``T``
+time, ``N`` number of sequences in the state (``B``, or the number of segments with
+``cu_seqlens``), and ``H`` / ``HV`` for grouped heads: q and k have H heads, values, gates and the
+state HV heads, HV a multiple of H (value head j reads q/k head j // (HV / H)); the form
+wrappers repeat q and k over the groups, so cores always see HV heads everywhere.
 """
 from __future__ import annotations
 
@@ -16,12 +19,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Tuple
 
 
+def parse_dims(dims) -> Tuple[str, ...]:
+    """"BTHK" -> ("B", "T", "H", "K"); "B T HV V" -> ("B", "T", "HV", "V"); tuples pass through."""
+    if isinstance(dims, tuple):
+        return dims
+    return tuple(dims.split()) if " " in dims else tuple(dims)
+
+
 @dataclass(frozen=True)
 class Arg:
     """One array argument of an op.
 
     name:     argument name, as in the function signature.
-    dims:     shape as a string of dimension letters, e.g. "BTHK".
+    dims:     shape as dimension names, "BTHK" or "B T HV V" (stored as a tuple of names).
     kind:     "real" (float32/float64), "complex" (complex64/complex128, precision matching the
               real inputs) or "any_float" (real or complex).
     log_gate: the argument is a natural-log decay: must be <= 0; -inf is allowed (a hard reset).
@@ -30,11 +40,14 @@ class Arg:
     """
 
     name: str
-    dims: str
+    dims: Tuple[str, ...]
     kind: str = "real"
     log_gate: bool = False
     positive: bool = False
     optional: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "dims", parse_dims(self.dims))
 
     @property
     def per_token(self) -> bool:

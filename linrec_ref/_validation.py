@@ -22,7 +22,7 @@ class InputError(ValueError):
     """A bad argument: wrong shape, dtype, range, or a NaN/Inf where none is allowed."""
 
 
-def _fmt_dims(dims: str, sizes: Dict[str, int]) -> str:
+def _fmt_dims(dims, sizes: Dict[str, int]) -> str:
     letters = "[" + ", ".join(dims) + "]"
     if all(d in sizes for d in dims):
         return f"{letters} = [{', '.join(str(sizes[d]) for d in dims)}]"
@@ -45,7 +45,7 @@ class Binder:
         self.sizes: Dict[str, int] = dict(sizes or {})
         self.source: Dict[str, str] = dict(sources or {d: "the call" for d in self.sizes})
 
-    def bind(self, name: str, x: np.ndarray, dims: str) -> None:
+    def bind(self, name: str, x: np.ndarray, dims) -> None:
         if x.ndim != len(dims):
             raise InputError(
                 f"{self.op}: argument '{name}' must have shape {_fmt_dims(dims, self.sizes)} "
@@ -148,7 +148,7 @@ def check_arrays(op: str, specs: Iterable[Arg], values: Dict[str, object], binde
                 continue
             raise TypeError(f"{op}: argument '{arg.name}' is required")
         x = require_ndarray(op, arg.name, x)
-        dims = "".join(d for d in arg.dims if d not in drop)
+        dims = tuple(d for d in arg.dims if d not in drop)
         binder.bind(arg.name, x, dims)
         real_dtype = check_dtype(op, arg, x, real_dtype)
         check_values(op, arg, x)
