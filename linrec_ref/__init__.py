@@ -93,5 +93,7 @@ hgrn = Op("hgrn")
 rwkv6 = Op("rwkv6")
 lru = Op("lru")
 mlstm = Op("mlstm")
+delta_rule = Op("delta_rule")
+gated_delta_rule = Op("gated_delta_rule")
 
 __all__ = ["Op", "InputError", "registry", "FORMS"] + list(registry.OP_NAMES)

@@ -1,5 +1,6 @@
 """hgrn-specific tests: exact hard resets in every form and backward, the gate identity, the
-per-channel attention matrix, the identity with simple_gla, and hgrn's validation errors.
+per-channel attention matrix, the identity with simple_gla, the two chunkwise paths (factored
+and exact, chosen per one-channel chunk), and hgrn's validation errors.
 
 The generic sweep (forms vs recurrent, vjps vs recurrent and finite differences, regimes, dtypes,
 chunk sizes, varlen) is tests/test_equivalence.py.
@@ -7,7 +8,7 @@ chunk sizes, varlen) is tests/test_equivalence.py.
 import numpy as np
 import pytest
 
-from linrec_ref import InputError, testing
+from linrec_ref import InputError, _decay, testing
 from linrec_ref._scan import reverse_cumsum
 from linrec_ref.ops import hgrn, simple_gla
 from linrec_ref.testing import assert_close
@@ -127,6 +128,71 @@ def test_equals_simple_gla_with_one_head_per_channel():
                                     output_final_state=True)
     o, h = hgrn.chunkwise(**x, chunk_size=8, output_final_state=True)
     assert_close((o, h), (o_s[..., 0], h_s[..., 0, 0]), name="hgrn vs simple_gla")
+
+
+# ------------------------------------------------------------------------------ chunkwise paths
+def _cotangents(x, seed=12):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(x["x"].shape), rng.standard_normal(x["initial_state"].shape)
+
+
+@pytest.mark.parametrize("regime", hgrn.SPEC.regimes)
+@pytest.mark.parametrize("path", ["fast", "exact", "auto"])
+def test_both_chunkwise_paths_agree_with_recurrent(regime, path):
+    """fast_bound=inf factors every chunk without a -inf gate, 0 makes every chunk exact."""
+    bound = {"fast": np.inf, "exact": 0.0, "auto": None}[path]
+    x = testing.make_inputs("hgrn", regime, T=45, initial_state=True, seed=11)
+    do, dht = _cotangents(x)
+    want = hgrn.recurrent(**x, output_final_state=True)
+    want_grads = hgrn.recurrent_vjp(**x, do=do, dht=dht)
+    for C in (1, 4, 16, 45):
+        got = hgrn.chunked_forward(**x, chunk_size=C, fast_bound=bound)
+        assert_close(got, want, "float64", f"{path} forward C={C}")
+        grads = hgrn.chunked_vjp(**x, do=do, dht=dht, chunk_size=C, fast_bound=bound)
+        assert_close(grads, want_grads, "float64", f"{path} vjp C={C}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_path_is_chosen_per_channel_chunk(dtype):
+    """A channel that forgets fast, or resets, sends only its own chunks to the exact path;
+    the result matches the float64 recurrence either way."""
+    C = 64
+    x = testing.make_inputs("hgrn", "typical", B=1, T=4 * C, D=6, initial_state=True, seed=13)
+    x["g"][:, :, 2] = -10.0                                         # range 640 > FAST_BOUND: exact
+    x["g"][0, C + 6, 4] = -np.inf                                   # channel 4, chunk 1: a reset
+    fast = _decay.chunk_decay(hgrn._channel_chunks(x["g"].astype(dtype), C)).fast  # [B, D, N]
+    want_fast = np.ones((1, 6, 4), dtype=bool)
+    want_fast[0, 2, :] = want_fast[0, 4, 1] = False
+    assert np.array_equal(fast, want_fast)                          # typical: range ~ 64 * 0.27
+    do, dht = _cotangents(x)
+    want = hgrn.recurrent(**x, output_final_state=True)
+    want_grads = hgrn.recurrent_vjp(**x, do=do, dht=dht)
+    xd = {k: v.astype(dtype) for k, v in x.items()}
+    tier = testing.tier_for(dtype)
+    got = hgrn.chunked_forward(**xd, chunk_size=C)
+    assert_close(got, want, tier, "forward")
+    grads = hgrn.chunked_vjp(**xd, do=do.astype(dtype), dht=dht.astype(dtype), chunk_size=C)
+    assert_close(grads, want_grads, tier, "vjp")
+    assert np.all(grads["g"][0, C + 6, 4] == 0)                      # exact 0 at the reset
+
+
+def test_float32_factored_path_at_the_bound():
+    """Chunks just inside FAST_BOUND (the largest exp(-G) the factored path uses, exp(~60) in
+    float32) stay within the float32 tier of the float64 recurrence, forward and backward."""
+    C = 64
+    bound = _decay.FAST_BOUND[np.dtype(np.float32)]
+    rng = np.random.default_rng(14)
+    x = testing.make_inputs("hgrn", "typical", B=2, T=3 * C, D=8, initial_state=True, seed=14)
+    x["g"] = -rng.uniform(0.85, 0.93, x["g"].shape)                  # chunk range 54 .. 59.5
+    x32 = {k: v.astype(np.float32) for k, v in x.items()}
+    d = _decay.chunk_decay(hgrn._channel_chunks(x32["g"], C))
+    assert d.fast.all() and np.max(-np.log(d.total)) > 0.9 * bound
+    do, dht = _cotangents(x)
+    assert_close(hgrn.chunked_forward(**x32, chunk_size=C),
+                 hgrn.recurrent(**x, output_final_state=True), "float32", "forward")
+    assert_close(hgrn.chunked_vjp(**x32, do=do.astype(np.float32), dht=dht.astype(np.float32),
+                                  chunk_size=C),
+                 hgrn.recurrent_vjp(**x, do=do, dht=dht), "float32", "vjp")
 
 
 # ------------------------------------------------------------------------------ validation

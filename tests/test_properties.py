@@ -15,6 +15,8 @@ def problems(draw):
     op = draw(st.sampled_from(OPS))
     spec = registry.spec(op)
     dims = {d: draw(st.integers(1, 4)) for d in spec.default_dims}
+    if "HV" in dims:  # grouped heads: value heads are a multiple of the query/key heads
+        dims["HV"] = dims["H"] * draw(st.integers(1, 3))
     dims["T"] = draw(st.integers(1, 40))
     return dict(op=op, regime=draw(st.sampled_from(spec.regimes)),
                 variant=draw(st.sampled_from(sorted(spec.variants))),

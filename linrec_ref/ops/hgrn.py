@@ -20,8 +20,12 @@ Forms
     recurrent  the loop above (ground truth); O(D) memory per sequence.
     parallel   o_t = sum_{s<=t} exp(g_{s+1} + ... + g_t) x_s + exp(g_1 + ... + g_t) h_0, per channel:
                a T x T decay mask per channel, M = exp(segsum(g)) of shape [B, D, T, T].
-    chunkwise  chunks of C tokens: the per-channel mask inside a chunk (exact segment sums, never a
-               difference of cumulative sums), the recurrence carries h across chunks.
+    chunkwise  chunks of C tokens, each channel on its own (``linrec_ref._decay`` picks the path per
+               channel and chunk): where the channel's decay range over the chunk, -G_last, is
+               below _decay.FAST_BOUND (60 float32, 600 float64), the factored cumulative sum
+               o_t = exp(G_t) * sum_{s<=t} exp(-G_s) x_s (O(C)); elsewhere (fast forgetting, hard
+               resets g = -inf) the exact [C, C] mask exp(segsum(g)) (segment sums, never a
+               difference of cumulative sums). The recurrence carries h across chunks.
     step       one token of the recurrence (decoding).
     attention_matrix(g) -> M [B, D, T, T]: o[b, :, d] = M[b, d] @ x[b, :, d] (zero initial state).
 
@@ -46,6 +50,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _regimes
+from .._decay import _exact_blocks, chunk_decay, cumsum_in_chunks, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._scan import from_chunks, reverse_sweep, segsum, to_chunks
 from .._spec import Arg, OpSpec
@@ -184,19 +189,51 @@ def parallel_vjp(x, g, do, dht, *, initial_state):
 
 
 # ----------------------------------------------------------------------------- chunkwise
-def _chunk_parts(x, g, initial_state, C):
+# Every channel is its own scalar recurrence, so a chunk here is ONE channel over C tokens: the
+# gates are viewed as [B, D, N, C, 1] ([..., C, 1]: C tokens, one channel) and handed to
+# ``linrec_ref._decay``, which picks the path per (b, d, n) chunk from its decay range -G_last:
+#   fast  (range < _decay.FAST_BOUND[dtype]: 60 float32, 600 float64): with G the chunk-local
+#         cumulative log decay, exp(G_t - G_s) = exp(G_t) * exp(-G_s) with both factors bounded,
+#         so the intra-chunk sums are O(C) cumulative sums per channel;
+#   exact (fast forgetting, hard resets g = -inf): the [C, C] mask exp(segsum(g)) of the chunk
+#         (``_decay.exact_decay``: segment sums, exact 0 at -inf), selected by boolean indexing
+#         and processed in blocks of at most ``_decay.EXACT_BLOCK`` elements.
+# ``chunked_forward`` / ``chunked_vjp`` take ``fast_bound`` (0 -> all exact, inf -> factored
+# wherever a chunk has no -inf gate) so that tests can force either path.
+def _channel_chunks(a, C):
+    """[B, T, D] -> [B, D, N, C, 1]: one-channel chunks in _decay's [..., C, D] layout (D = 1).
+
+    A view of ``_scan.to_chunks`` (zero padding: x = 0, g = 0 are neutral) with a unit channel
+    axis; in memory it stays [B, N, C, D], so _decay's loops over C read contiguous rows."""
+    return to_chunks(a, C)[..., None]
+
+
+def _exact_chunks(d):
+    """Yield (sel, E) for the chunks of d that take the exact path: sel indexes [B, D, N],
+    E = exp(segsum(g)) of those chunks, [M, C, C] with E[m, t, s] = exp(g_{s+1} + .. + g_t)."""
+    for sel, E in _exact_blocks(d):                                 # E: [M, C, C, 1]
+        yield sel, E[..., 0]                                        # [M, C, C]
+
+
+def _chunk_parts(x, g, initial_state, C, fast_bound):
     """Steps 1-4 of the chunkwise form, shared by forward and backward.
 
-    Returns the chunked gates, the intra-chunk masks and decays, the state entering every
-    chunk, the chunked outputs and the final state.
+    Returns the chunked inputs xc [B, D, N, C], the decays d (``_decay.ChunkDecay`` over
+    [B, D, N, C, 1]), the state entering every chunk h_in [B, D, N], the chunked outputs
+    oc [B, D, N, C] and the final state [B, D].
     """
-    xc, gc = to_chunks(x, C), to_chunks(g, C)                       # [B, D, N, C]
-    # 1. intra-chunk: the per-channel mask on each chunk (padding has x = 0, g = 0: neutral)
-    M = np.exp(segsum(gc))                                          # [B, D, N, C, C]
-    intra = (M @ xc[..., None])[..., 0]                             # [B, D, N, C]
-    a_from_start = np.exp(np.cumsum(gc, axis=-1))                   # [B, D, N, C]
+    xc = to_chunks(x, C)                                            # [B, D, N, C]
+    d = chunk_decay(_channel_chunks(g, C), fast_bound=fast_bound)   # [B, D, N, C, 1]; fast [B, D, N]
+    eq = d.eq[..., 0]                                               # [B, D, N, C]: exp(G_t) <= 1
+    # 1. intra-chunk, from a zero state: o_t = sum_{s<=t} exp(G_t - G_s) x_s
+    #    fast chunks: exp(G_t) * cumsum_s(exp(-G_s) x_s), O(C) (ek_inv = 0 in the other chunks)
+    intra = cumsum_in_chunks(d.ek_inv * xc[..., None])[..., 0]      # [B, D, N, C]
+    intra *= eq
+    #    exact chunks: the chunk's [C, C] decay mask times its inputs
+    for sel, E in _exact_chunks(d):
+        intra[sel] = (E @ xc[sel][..., None])[..., 0]               # [M, C]
     # 2. chunk states: the intra-chunk state at the chunk's last token, and the chunk's decay
-    U, a_chunk = intra[..., -1], a_from_start[..., -1]              # [B, D, N]
+    U, a_chunk = intra[..., -1], d.total[..., 0]                    # [B, D, N]
     # 3. carry across chunks: h_n = a_chunk_n h_{n-1} + U_n; keep the state entering each chunk
     h_in = np.empty_like(U)                                         # [B, D, N]
     h = initial_state                                               # [B, D]
@@ -204,48 +241,76 @@ def _chunk_parts(x, g, initial_state, C):
         h_in[..., n] = h
         h = a_chunk[..., n] * h + U[..., n]
     # 4. output: intra + the carried state decayed from the chunk start
-    oc = intra + a_from_start * h_in[..., None]                     # [B, D, N, C]
-    return gc, M, a_from_start, h_in, oc, h
+    oc = eq * h_in[..., None]                                       # [B, D, N, C]
+    oc += intra
+    return xc, d, h_in, oc, h
+
+
+def chunked_forward(x, g, *, initial_state, chunk_size, fast_bound=None):
+    """Dense chunkwise forward (no checks). x, g: [B, T, D]; initial_state: [B, D].
+
+    fast_bound: see ``_decay.chunk_decay`` (None: the dtype's default). Returns (o, h_T).
+    """
+    T = x.shape[1]
+    C = max(1, min(chunk_size, T))                                  # one chunk covers T <= C
+    *_, oc, hT = _chunk_parts(x, g, initial_state, C, fast_bound)
+    return from_chunks(oc, T), hT
+
+
+def chunked_vjp(x, g, *, do, dht, initial_state, chunk_size, fast_bound=None):
+    """Dense chunkwise backward (no checks) matching ``chunked_forward``; returns the grad dict.
+
+    1. recompute the forward (states entering each chunk, outputs)
+    2. carry the state cotangent backwards:
+       dh_end[n-1] = a_chunk_n dh_end[n] + sum_t exp(G_t) do_t
+    3. dx inside each chunk: dx_s = sum_{t>=s} exp(G_t - G_s) do_t + exp(G_last - G_s) dh_end;
+       fast chunks: exp(-G_s) * (reverse cumsum of exp(G_t) do_t), O(C); exact chunks: E^T do
+    4. dg = a_t dx_t h_{t-1} (direct formula, an exact 0 at a reset), with h_{t-1} the previous
+       output or, at a chunk start, h_in
+    """
+    T = x.shape[1]
+    C = max(1, min(chunk_size, T))
+    xc, d, h_in, oc, _ = _chunk_parts(x, g, initial_state, C, fast_bound)
+    doc = to_chunks(do, C)                                          # [B, D, N, C]
+    # 2. dh_end[n]: cotangent of the state at the end of chunk n (from the later chunks)
+    from_t = reverse_cumsum_in_chunks(d.eq * doc[..., None])[..., 0]  # [B, D, N, C]
+    local = from_t[..., 0].copy()                                   # [B, D, N]: sum_t exp(G_t) do_t
+    dh_end = np.empty_like(h_in)                                    # [B, D, N]
+    dh = dht                                                        # [B, D]
+    for n in reversed(range(h_in.shape[-1])):
+        dh_end[..., n] = dh
+        dh = d.total[..., n, 0] * dh + local[..., n]
+    # 3. dx inside each chunk: fast chunks factored (ek_inv = 0 elsewhere), then the exact ones
+    dxc = np.multiply(d.ek_inv[..., 0], from_t, out=from_t)         # [B, D, N, C] (in from_t)
+    for sel, E in _exact_chunks(d):
+        dxc[sel] = (E.swapaxes(-1, -2) @ doc[sel][..., None])[..., 0]  # [M, C]
+    dxc += d.to_end[..., 0] * dh_end[..., None]                     # [B, D, N, C]
+    # 4. dg from the direct formula; h_prev shifts the outputs by one inside each chunk
+    h_prev = np.empty_like(oc)                                      # [B, D, N, C] (oc's memory order)
+    h_prev[..., 0], h_prev[..., 1:] = h_in, oc[..., :-1]
+    dgc = np.exp(d.g[..., 0])                                       # [B, D, N, C]: a_t
+    dgc *= dxc
+    dgc *= h_prev
+    return {"x": from_chunks(dxc, T), "g": from_chunks(dgc, T), "initial_state": dh}
 
 
 @forward_form(SPEC, chunked=True)
 def chunkwise(x, g, *, initial_state, chunk_size):
     """Chunks of C = chunk_size tokens (T need not divide). Memory: O(T/C * D) states.
 
-    1. intra-chunk: o_t = sum_{s<=t in chunk} exp(segsum(g)[t, s]) x_s  (exact segment sums)
+    Per one-channel chunk, fast (factored, O(C)) where its decay range -G_last is below
+    ``_decay.FAST_BOUND[dtype]``, exact ([C, C] segment-sum mask, O(C^2)) elsewhere:
+    1. intra-chunk: o_t = sum_{s<=t in chunk} exp(G_t - G_s) x_s
+       fast: exp(G_t) * cumsum_s(exp(-G_s) x_s);  exact: exp(segsum(g)) @ x
     2. chunk states: U_n = the intra-chunk output at the chunk's last token
     3. carry: h_n = exp(sum of the chunk's g) h_{n-1} + U_n, one loop over chunks
     4. output: intra + exp(g_first + .. + g_t) h_{n-1}
     """
-    *_, oc, hT = _chunk_parts(x, g, initial_state, chunk_size)
-    return from_chunks(oc, x.shape[1]), hT
+    return chunked_forward(x, g, initial_state=initial_state, chunk_size=chunk_size)
 
 
 @vjp_form(SPEC, chunked=True)
 def chunkwise_vjp(x, g, do, dht, *, initial_state, chunk_size):
-    """Backward of the chunkwise form. Keeps only the per-chunk states (O(T/C * D)).
-
-    1. recompute the forward (states entering each chunk, outputs)
-    2. carry the state cotangent backwards:
-       dh_end[n-1] = a_chunk_n dh_end[n] + sum_t a_from_start_t do_t
-    3. dx inside each chunk: M^T do + (decay to the chunk end) * dh_end
-    4. dg = a_t dx_t h_{t-1}, with h_{t-1} the previous output or, at a chunk start, h_in
-    """
-    T, C = x.shape[1], chunk_size
-    gc, M, a_from_start, h_in, oc, _ = _chunk_parts(x, g, initial_state, C)
-    doc = to_chunks(do, C)                                          # [B, D, N, C]
-    N = gc.shape[-2]
-    # 2. dh_end[n]: cotangent of the state at the end of chunk n (from the later chunks)
-    local = np.sum(a_from_start * doc, axis=-1)                     # [B, D, N]
-    dh_end = np.empty_like(h_in)                                    # [B, D, N]
-    dh = dht                                                        # [B, D]
-    for n in reversed(range(N)):
-        dh_end[..., n] = dh
-        dh = a_from_start[..., n, -1] * dh + local[..., n]
-    # 3. dx inside each chunk
-    to_end = M[..., -1, :]                                          # [B, D, N, C]
-    dxc = (M.swapaxes(-1, -2) @ doc[..., None])[..., 0] + to_end * dh_end[..., None]  # [B, D, N, C]
-    # 4. dg from the direct formula; h_prev shifts the outputs by one inside each chunk
-    h_prev = np.concatenate([h_in[..., None], oc[..., :-1]], axis=-1)  # [B, D, N, C]
-    dgc = np.exp(gc) * dxc * h_prev                                 # [B, D, N, C]
-    return {"x": from_chunks(dxc, T), "g": from_chunks(dgc, T), "initial_state": dh}
+    """Backward of the chunkwise form (see ``chunked_vjp``). Keeps only per-chunk states
+    (O(T/C * D)); fast chunks use reverse cumulative sums, exact chunks their [C, C] mask."""
+    return chunked_vjp(x, g, do=do, dht=dht, initial_state=initial_state, chunk_size=chunk_size)

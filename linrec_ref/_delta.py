@@ -1,0 +1,408 @@
+r"""Machinery shared by the delta-rule ops (delta_rule, gated_delta_rule): the recurrence, its
+adjoint, and the chunkwise UT/WY transform with one triangular solve per chunk.
+
+Everything here is written for the gated rule (decay first, then the delta step):
+
+    S'_t    = a_t S_{t-1},                 a_t = exp(g_t) in [0, 1]
+    delta_t = beta_t (v_t - S'_t^T k_t)                                   ("new value", [V])
+    S_t     = S'_t + k_t delta_t^T  =  a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    o_t     = scale S_t^T q_t
+
+The plain delta rule is the case g = 0 (a = 1, exactly). Cores take processed inputs: keys and
+queries already l2-normalised if the op asks for it, beta already through its activation (see
+``prepare`` / ``prepare_vjp``).
+
+Derivation of the chunkwise form (from the recurrence, not from a paper)
+------------------------------------------------------------------------
+Take one chunk of tokens t = 1..C entering with the state S_0 (= S_in). Let
+G_t = g_1 + ... + g_t (<= 0), Gamma_t = exp(G_t), and D[t, s] = exp(G_t - G_s) for s <= t
+(computed as exp(segsum), only ever exp of non-positive segment sums, an exact 0 across a
+hard reset g = -inf), D[t, s] = 0 for s > t.
+
+(a) Since S_t = a_t S_{t-1} + k_t delta_t^T, unrolling gives the gated-linear-attention shape
+
+        S_t = Gamma_t S_0 + sum_{s <= t} D[t, s] k_s delta_s^T.                          (1)
+
+(b) The new value reads S'_t = a_t S_{t-1} = Gamma_t S_0 + sum_{s < t} D[t, s] k_s delta_s^T, so
+
+        delta_t + beta_t sum_{s < t} D[t, s] (k_t . k_s) delta_s = beta_t (v_t - Gamma_t S_0^T k_t).
+
+    In matrix form (rows are tokens), with the unit lower triangular
+
+        A = I + L,   L = tril(diag(beta) (K K^T * D), -1)                                 (2)
+
+    this is A Delta = diag(beta) (V - (Gamma * K) S_0), hence, with the UT matrix
+
+        T_mat = A^{-1} diag(beta),   u = T_mat V,   w = T_mat (Gamma * K),               (3)
+
+        Delta = u - w S_0.                                                               (4)
+
+    (Gamma * K has rows Gamma_t k_t: w carries the decay from the chunk start.)
+(c) Reading (1) at every t and at the chunk end C:
+
+        O     = scale [ (Gamma * Q) S_0 + (Q K^T * D) Delta ]                             (5)
+        S_end = Gamma_C S_0 + K_end^T Delta,   K_end[s] = D[C, s] k_s
+              = P S_0 + K_end^T u,   P = Gamma_C I - K_end^T w  (the chunk's transition)    (6)
+
+    P is the WY form of the product prod_t a_t (I - beta_t k_t k_t^T) over the chunk.
+The forms: chunkwise = (2)-(6) with a loop over chunks only for (6); parallel = one chunk of
+length T; the attention matrix (S_0 = 0) is scale (Q K^T * D) T_mat.
+
+Backward through the solve (chunkwise and parallel)
+---------------------------------------------------
+With R = diag(beta) Y, Y = V - (Gamma * K) S_0, Delta = A^{-1} R: dR = A^{-T} dDelta and
+dA = -dR Delta^T, of which only the strictly lower part (dL) matters. Then
+    dbeta_t = sum_v dR[t] Y[t] + sum_s dL[t, s] (K K^T * D)[t, s],   dY = beta * dR, dV = dY,
+    d(Gamma * K) = -dY S_0^T,  dS_0 gets -(Gamma * K)^T dY = -w^T dDelta,
+    d(K K^T) = beta * dL * D (strictly lower, symmetrised through K),
+and every decay enters through D, Gamma, K_end: with E[t, s] = D[t, s] dD[t, s] (the gradient
+of the segment sum), dG_t = sum_s E[t, s] - sum_s E[s, t] + Gamma_t (terms of dGamma_t), and
+dg = reverse cumulative sum of dG inside the chunk (never across chunks, numerics.md hazard 2).
+The state cotangent is carried backwards by the transpose of (6):
+    dS_in = P^T dS_end + scale (Gamma * Q)^T dO - w^T (scale (Q K^T * D)^T dO).
+
+Numerics (numerics.md hazard 8): the eigenvalues of I - beta k k^T are 1 (K - 1 times) and
+1 - beta |k|^2, so each step is a contraction when |k| = 1 and beta in [0, 2]. With keys that are
+not unit norm, or beta outside (0, 2), the state and A^{-1} can grow exponentially; use
+``use_qk_l2norm_in_kernel=True`` for raw keys.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._scan import from_chunks, reverse_cumsum, reverse_sweep, segsum, to_chunks
+from ._validation import InputError
+
+L2NORM_EPS = 1e-6
+BETA_ACTIVATIONS = ("none", "sigmoid")
+
+
+# ----------------------------------------------------------------------------- input maps
+def l2norm(x):
+    """x / sqrt(sum(x^2) + 1e-6) over the last axis (the fla convention)."""
+    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+
+
+def l2norm_vjp(x, dy):
+    """Gradient of ``l2norm`` at x: dx = (dy - y (y . dy)) / n with n = sqrt(|x|^2 + eps)."""
+    n = np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
+    y = x / n
+    return (dy - y * np.sum(y * dy, axis=-1, keepdims=True)) / n
+
+
+def sigmoid(x):
+    """Logistic function, written so that no exp overflows."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
+
+
+def check_options(op, use_qk_l2norm_in_kernel, beta_activation):
+    if not isinstance(use_qk_l2norm_in_kernel, (bool, np.bool_)):
+        raise TypeError(f"{op}: option 'use_qk_l2norm_in_kernel' must be True or False, "
+                        f"got {use_qk_l2norm_in_kernel!r}")
+    if beta_activation not in BETA_ACTIVATIONS:
+        raise InputError(f"{op}: option 'beta_activation' must be one of {BETA_ACTIVATIONS} ('none': "
+                         f"beta is the write strength in [0, 2]; 'sigmoid': raw logits), got {beta_activation!r}")
+
+
+def prepare(op, q, k, beta, use_qk_l2norm_in_kernel, beta_activation):
+    """Apply the op's input maps: (q, k, beta) -> (q', k', beta') as the recurrence uses them.
+
+    Checks the options, and with beta_activation="none" that beta lies in [0, 2].
+    """
+    check_options(op, use_qk_l2norm_in_kernel, beta_activation)
+    if beta_activation == "none":
+        bad = (beta < 0) | (beta > 2)
+        if bad.any():
+            i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), bad.shape))
+            raise InputError(
+                f"{op}: argument 'beta' must lie in [0, 2] with beta_activation='none' (beta is the "
+                f"write strength after its activation; I - beta k k^T is a contraction for unit keys "
+                f"only when 0 <= beta <= 2); got {beta[i]!r} at index {i}. Pass "
+                "beta_activation='sigmoid' for raw logits.")
+        b = beta
+    else:
+        b = sigmoid(beta)
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q), l2norm(k)
+    return q, k, b
+
+
+def prepare_vjp(q, k, beta, grads, use_qk_l2norm_in_kernel, beta_activation):
+    """Pull the gradients w.r.t. (q', k', beta') back to the raw (q, k, beta). In place on grads."""
+    if use_qk_l2norm_in_kernel:
+        grads["q"] = l2norm_vjp(q, grads["q"])
+        grads["k"] = l2norm_vjp(k, grads["k"])
+    if beta_activation == "sigmoid":
+        b = sigmoid(beta)
+        grads["beta"] = grads["beta"] * b * (1 - b)
+    return grads
+
+
+# ----------------------------------------------------------------------------- recurrent
+def _advance(k, v, beta, g):
+    """One step S_{t-1} -> S_t as a function of (S, t). k: [B, T, H, K]; v: [B, T, H, V]."""
+    a = np.exp(g)                                                   # [B, T, H]
+
+    def advance(S, t):
+        S_dec = a[:, t, :, None, None] * S                          # [B, H, K, V]  S'
+        read = (k[:, t, :, None, :] @ S_dec)[:, :, 0, :]            # [B, H, V]     S'^T k
+        delta = beta[:, t, :, None] * (v[:, t] - read)              # [B, H, V]
+        return S_dec + k[:, t, :, :, None] * delta[:, :, None, :]   # [B, H, K, V]
+
+    return advance
+
+
+def recurrent(q, k, v, beta, g, scale, initial_state):
+    """The loop over t (ground truth). q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]."""
+    advance = _advance(k, v, beta, g)
+    S = initial_state                                               # [B, H, K, V]
+    o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
+    for t in range(q.shape[1]):
+        S = advance(S, t)
+        o[:, t] = scale * (q[:, t, :, None, :] @ S)[:, :, 0, :]     # [B, H, V]
+    return o, S
+
+
+def step(q, k, v, beta, g, state, scale):
+    """One token: q, k: [B, H, K]; v: [B, H, V]; beta, g: [B, H]; state: [B, H, K, V]."""
+    S_dec = np.exp(g)[:, :, None, None] * state                     # [B, H, K, V]
+    read = (k[:, :, None, :] @ S_dec)[:, :, 0, :]                   # [B, H, V]
+    delta = beta[:, :, None] * (v - read)                           # [B, H, V]
+    S = S_dec + k[:, :, :, None] * delta[:, :, None, :]             # [B, H, K, V]
+    o = scale * (q[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]
+    return o, S
+
+
+def recurrent_vjp(q, k, v, beta, g, do, dht, scale, initial_state):
+    """Direct adjoint of the loop, walking t = T-1 .. 0 (ground-truth backward).
+
+    Per step, with S' = a S_{t-1}, r = S'^T k, delta = beta (v - r), S_t = S' + k delta^T:
+        dS_t += scale q_t do_t^T;  dq_t = scale S_t do_t
+        dk_t = dS_t delta + S' dr,   ddelta = dS_t^T k,   dr = -beta ddelta
+        dbeta_t = ddelta . (v - r),  dv_t = beta ddelta
+        dS' = dS_t + k dr^T,   dg_t = <dS', S'>,   dS_{t-1} = a_t dS'.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    """
+    a = np.exp(g)                                                   # [B, T, H]
+    dq, dk, dv, dbeta, dg = (np.zeros_like(x) for x in (q, k, v, beta, g))
+    dS = dht.copy()                                                 # [B, H, K, V]
+
+    def visit(t, S_prev, S_t):
+        nonlocal dS
+        kt, bt = k[:, t], beta[:, t, :, None]                       # [B, H, K], [B, H, 1]
+        dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
+        dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
+        S_dec = a[:, t, :, None, None] * S_prev                        # [B, H, K, V]
+        resid = v[:, t] - (kt[:, :, None, :] @ S_dec)[:, :, 0, :]      # [B, H, V]  v - r
+        delta = bt * resid                                             # [B, H, V]
+        ddelta = (kt[:, :, None, :] @ dS)[:, :, 0, :]                  # [B, H, V]
+        dr = -bt * ddelta                                              # [B, H, V]
+        dbeta[:, t] = np.sum(ddelta * resid, axis=-1)                  # [B, H]
+        dv[:, t] = bt * ddelta
+        dk[:, t] = (dS @ delta[..., None])[..., 0] + (S_dec @ dr[..., None])[..., 0]
+        dS_dec = dS + kt[..., None] * dr[:, :, None, :]                # [B, H, K, V]
+        dg[:, t] = np.sum(dS_dec * S_dec, axis=(-2, -1))               # a <dS', S_{t-1}>
+        dS = a[:, t, :, None, None] * dS_dec                           # to S_{t-1}
+
+    reverse_sweep(_advance(k, v, beta, g), initial_state, q.shape[1], visit)
+    return {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "initial_state": dS}
+
+
+# ----------------------------------------------------------------------------- UT transform
+def solve_unit_lower(L, R):
+    """X = (I + L)^{-1} R by forward substitution, vectorised over the leading axes.
+
+    L: [..., C, C] strictly lower triangular (its diagonal and upper part are ignored);
+    R: [..., C, M]. Row i: X[i] = R[i] - L[i, :i] X[:i]. One Python loop over the C rows.
+    """
+    C = L.shape[-1]
+    X = np.empty(np.broadcast_shapes(L.shape[:-2], R.shape[:-2]) + R.shape[-2:],
+                 dtype=np.result_type(L, R))                        # [..., C, M]
+    for i in range(C):
+        X[..., i, :] = R[..., i, :] - (L[..., i, None, :i] @ X[..., :i, :])[..., 0, :]
+    return X
+
+
+def _ut_parts(k, v, beta, g, C):
+    """Steps 1-3 of the chunkwise form (no state involved): everything per chunk.
+
+    k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]. Returns a dict of chunked arrays
+    ([B, H, N, C, ...]); see ``chunk_intermediates`` for their meaning.
+    """
+    kc, vc = to_chunks(k, C), to_chunks(v, C)                       # [B, H, N, C, K|V]
+    bc, gc = to_chunks(beta, C), to_chunks(g, C)                    # [B, H, N, C]
+    # 1. decays relative to the chunk start: D[t, s] = exp(G_t - G_s), Gamma_t = exp(G_t)
+    D = np.exp(segsum(gc))                                          # [B, H, N, C, C]
+    gamma = np.exp(np.cumsum(gc, axis=-1))                          # [B, H, N, C]
+    # 2. the UT matrix: A = I + tril(diag(beta) (K K^T * D), -1), T_mat = A^{-1} diag(beta)
+    KK = kc @ kc.swapaxes(-1, -2)                                   # [B, H, N, C, C]
+    L = bc[..., :, None] * np.tril(KK * D, -1)                      # [B, H, N, C, C]
+    eye = np.eye(L.shape[-1], dtype=L.dtype)                        # [C, C]
+    A_inv = solve_unit_lower(L, eye)                                # [B, H, N, C, C]  the one solve
+    T_mat = A_inv * bc[..., None, :]                                # [B, H, N, C, C]
+    # 3. WY factors: u = T_mat V, w = T_mat (Gamma * K); chunk transition P and input U
+    u = T_mat @ vc                                                  # [B, H, N, C, V]
+    w = T_mat @ (gamma[..., None] * kc)                             # [B, H, N, C, K]
+    k_end = kc * D[..., -1, :, None]                                # [B, H, N, C, K]  D[C, s] k_s
+    gamma_end = gamma[..., -1]                                      # [B, H, N]
+    P = gamma_end[..., None, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
+        - k_end.swapaxes(-1, -2) @ w                                # [B, H, N, K, K]
+    U = k_end.swapaxes(-1, -2) @ u                                  # [B, H, N, K, V]
+    return dict(kc=kc, vc=vc, bc=bc, D=D, gamma=gamma, KK=KK, A_inv=A_inv, T_mat=T_mat,
+                u=u, w=w, k_end=k_end, gamma_end=gamma_end, P=P, U=U)
+
+
+def _carry(parts, initial_state):
+    """Step 4: S_end = P S_in + U chunk after chunk; returns (S_in per chunk, final state)."""
+    P, U = parts["P"], parts["U"]
+    S_in = np.empty(U.shape, dtype=U.dtype)                         # [B, H, N, K, V]
+    S = initial_state                                               # [B, H, K, V]
+    for n in range(U.shape[2]):
+        S_in[:, :, n] = S
+        S = P[:, :, n] @ S + U[:, :, n]
+    return S_in, S
+
+
+def chunk_intermediates(k, v, beta, g, initial_state, chunk_size):
+    """The per-chunk quantities a kernel writer needs, for processed inputs (H == HV, dense).
+
+    k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H] (g = 0 for the ungated rule);
+    initial_state: [B, H, K, V]. With N = ceil(T / C) chunks of C = chunk_size tokens (the last
+    one zero-padded), returns a dict:
+        S_in      [B, H, N, K, V]  the state entering each chunk (S_in[:, :, 0] = initial_state)
+        T_mat     [B, H, N, C, C]  A^{-1} diag(beta), A = I + tril(diag(beta)(K K^T * D), -1)
+        A_inv     [B, H, N, C, C]  A^{-1} (unit lower triangular)
+        w         [B, H, N, C, K]  T_mat (Gamma * K)
+        u         [B, H, N, C, V]  T_mat V
+        v_new     [B, H, N, C, V]  Delta = u - w S_in, the new values written: S_t = a_t S_{t-1}
+                                   + k_t v_new_t^T
+        gamma     [B, H, N, C]     exp(g_{first} + ... + g_t), the decay from the chunk start
+        D         [B, H, N, C, C]  exp(G_t - G_s) for s <= t, else 0
+        final_state [B, H, K, V]
+    """
+    parts = _ut_parts(k, v, beta, g, chunk_size)
+    S_in, S_T = _carry(parts, initial_state)
+    v_new = parts["u"] - parts["w"] @ S_in                          # [B, H, N, C, V]
+    return {"S_in": S_in, "T_mat": parts["T_mat"], "A_inv": parts["A_inv"], "w": parts["w"],
+            "u": parts["u"], "v_new": v_new, "gamma": parts["gamma"], "D": parts["D"],
+            "final_state": S_T}
+
+
+def chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size):
+    """Chunkwise form, numbered steps as in the module docstring. Memory O(T/C K V) per head.
+
+    1. decays D, Gamma relative to the chunk start      2. UT matrix (one triangular solve)
+    3. WY factors u, w and the chunk transition P        4. carry S_end = P S_in + K_end^T u
+    5. new values Delta = u - w S_in                     6. o = scale[(Gamma*Q) S_in + (QK^T*D) Delta]
+    """
+    parts = _ut_parts(k, v, beta, g, chunk_size)                    # 1.-3.
+    S_in, S_T = _carry(parts, initial_state)                        # 4.
+    delta = parts["u"] - parts["w"] @ S_in                          # 5. [B, H, N, C, V]
+    qc = to_chunks(q, chunk_size)                                   # [B, H, N, C, K]
+    qk = (qc @ parts["kc"].swapaxes(-1, -2)) * parts["D"]           # [B, H, N, C, C]
+    o = scale * ((parts["gamma"][..., None] * qc) @ S_in + qk @ delta)  # 6. [B, H, N, C, V]
+    return from_chunks(o, q.shape[1]), S_T
+
+
+def attention_matrix(q, k, beta, g, scale):
+    """M = scale (Q K^T * D) T_mat over the whole sequence: [B, H, T, T], o = M v when S_0 = 0."""
+    T = q.shape[1]
+    parts = _ut_parts(k, k[..., :1] * 0, beta, g, T)                # v unused by T_mat
+    qk = (to_chunks(q, T) @ parts["kc"].swapaxes(-1, -2)) * parts["D"]  # [B, H, 1, T, T]
+    return scale * (qk @ parts["T_mat"])[:, :, 0]                   # [B, H, T, T]
+
+
+def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size):
+    """Backward of the chunkwise form, through the triangular solve (module docstring).
+
+    1. recompute steps 1-5 (per-chunk states only)
+    2. carry dS backwards: dS_in = P^T dS_end + scale (Gamma*Q)^T dO - w^T dDelta_local
+    3. dDelta, then through the solve: dR = A^{-T} dDelta, dL = tril(-dR Delta^T, -1)
+    4. gradients of q, k, v, beta; 5. dg from the segment-sum gradients, reverse-summed per chunk
+    """
+    T, C = q.shape[1], chunk_size
+    p = _ut_parts(k, v, beta, g, C)                                 # 1.
+    S_in, S_T = _carry(p, initial_state)
+    kc, vc, bc, D, gamma = p["kc"], p["vc"], p["bc"], p["D"], p["gamma"]
+    delta = p["u"] - p["w"] @ S_in                                  # [B, H, N, C, V]
+    qc, doc = to_chunks(q, C), to_chunks(do, C)                     # [B, H, N, C, K|V]
+    QK = qc @ kc.swapaxes(-1, -2)                                   # [B, H, N, C, C]
+    gq = gamma[..., None] * qc                                      # [B, H, N, C, K]
+    gk = gamma[..., None] * kc                                      # [B, H, N, C, K]
+    # 2. state cotangents at every chunk end
+    ddelta_local = scale * (QK * D).swapaxes(-1, -2) @ doc          # [B, H, N, C, V]
+    local = scale * gq.swapaxes(-1, -2) @ doc - p["w"].swapaxes(-1, -2) @ ddelta_local  # [B, H, N, K, V]
+    dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
+    dS = dht
+    for n in reversed(range(S_in.shape[2])):
+        dS_end[:, :, n] = dS
+        dS = p["P"][:, :, n].swapaxes(-1, -2) @ dS + local[:, :, n]
+    dh0 = dS
+    # 3. through the solve
+    ddelta = ddelta_local + p["k_end"] @ dS_end                     # [B, H, N, C, V]
+    dR = p["A_inv"].swapaxes(-1, -2) @ ddelta                       # [B, H, N, C, V]
+    dL = np.tril(-dR @ delta.swapaxes(-1, -2), -1)                  # [B, H, N, C, C]
+    Y = vc - gk @ S_in                                              # [B, H, N, C, V]
+    dY = bc[..., None] * dR                                         # [B, H, N, C, V]
+    dgk = -dY @ S_in.swapaxes(-1, -2)                               # [B, H, N, C, K]
+    KKD = p["KK"] * D                                               # [B, H, N, C, C]
+    dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]
+    dKK = dKKD * D
+    dP = scale * (doc @ delta.swapaxes(-1, -2))                     # [B, H, N, C, C]  d(QK * D)
+    end_term = delta @ dS_end.swapaxes(-1, -2)                      # [B, H, N, C, K]  d k_end
+    # 4. q, k, v, beta
+    dq = (dP * D) @ kc + scale * gamma[..., None] * (doc @ S_in.swapaxes(-1, -2))
+    dk = ((dP * D).swapaxes(-1, -2) @ qc + (dKK + dKK.swapaxes(-1, -2)) @ kc
+          + gamma[..., None] * dgk + D[..., -1, :, None] * end_term)
+    dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * KKD, axis=-1)     # [B, H, N, C]
+    # 5. gates: E = D * dD (gradient of each segment sum), then dG_t and dg
+    E = (dP * QK + dKKD * p["KK"]) * D                              # [B, H, N, C, C]
+    E[..., -1, :] += np.sum(kc * end_term, axis=-1) * D[..., -1, :]
+    dG = np.sum(E, axis=-1) - np.sum(E, axis=-2)                    # [B, H, N, C]
+    dG += np.sum(gq * (scale * doc @ S_in.swapaxes(-1, -2)), axis=-1) + np.sum(gk * dgk, axis=-1)
+    dG[..., -1] += p["gamma_end"] * np.sum(dS_end * S_in, axis=(-2, -1))
+    dg = reverse_cumsum(dG, axis=-1)                                # [B, H, N, C]
+    return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dY, T),
+            "beta": from_chunks(dbeta, T), "g": from_chunks(dg, T), "initial_state": dh0}
+
+
+# ----------------------------------------------------------------------------- test inputs
+BETA_REGIMES = {
+    "beta_extremes": "beta per token from {1e-3, 0.5, 1, 1.9} (post-activation), typical decays",
+}
+
+
+def make_inputs(rng, regime, dims, dtype, variant, gated):
+    """Valid random inputs for both delta-rule ops (see their ``make_inputs``).
+
+    q, v ~ N(0, 1). Variant "default": keys exactly unit norm and beta post-activation
+    (U(0.01, 0.99), or from {1e-3, 0.5, 1, 1.9} in "beta_extremes"; 1e-3 stands for 0 because
+    finite differences of beta = 0 would step outside the valid range [0, 2], and beta = 0
+    exactly is covered by the ops' own tests); any other variant (the in-op l2 norm
+    and sigmoid): raw N(0, 1) keys and raw beta logits (N(0, 2^2), or from {-20, 0, 20, N(0,1)}
+    in "beta_extremes"). dims["HV"] (default H) must be a multiple of dims["H"].
+    """
+    from . import _regimes
+    B, T, H, K, V = (dims[d] for d in "BTHKV")
+    HV = dims.get("HV", H)
+    if HV % H:
+        raise ValueError(f"make_inputs: HV={HV} value heads is not a multiple of H={H}; pass HV as well")
+    raw = variant != "default"
+    q = _regimes.normal(rng, (B, T, H, K), np.float64)
+    k = _regimes.normal(rng, (B, T, H, K), np.float64)
+    if not raw:
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)          # unit-norm keys
+    if regime == "beta_extremes":
+        values = (-20.0, 0.0, 20.0) if raw else (1e-3, 0.5, 1.0, 1.9)
+        beta = rng.choice(np.array(values), size=(B, T, HV))
+        if raw:
+            beta = np.where(rng.uniform(size=beta.shape) < 0.25, rng.standard_normal(beta.shape), beta)
+    else:
+        beta = 2.0 * rng.standard_normal((B, T, HV)) if raw else rng.uniform(0.01, 0.99, (B, T, HV))
+    x = {"q": q.astype(dtype), "k": k.astype(dtype),
+         "v": _regimes.normal(rng, (B, T, HV, V), dtype), "beta": beta.astype(dtype)}
+    if gated:
+        decay_regime = "typical" if regime in BETA_REGIMES else regime
+        x["g"] = _regimes.log_decay(rng, (B, T, HV), decay_regime, dtype)
+    return x
