@@ -278,6 +278,31 @@ def run(ops: Optional[Sequence[str]] = None, dtypes: Iterable = (np.float64,), f
     return rows
 
 
+def comparison_kind(row: CheckRow) -> str:
+    """forms vs recurrent | vjp vs recurrent_vjp | vjp vs finite differences | varlen/split."""
+    if "finite differences" in row.check:
+        return "vjp vs finite differences"
+    if "_vjp" in row.check:
+        return "vjp vs recurrent_vjp"
+    if "varlen" in row.check or "split" in row.check:
+        return "varlen / split-and-carry"
+    return "forms vs recurrent"
+
+
+def summarize_compact(rows: Sequence[CheckRow]) -> List[dict]:
+    """Worst error per (op, dtype, kind of comparison)."""
+    groups = {}
+    for r in rows:
+        key = (r.op, r.dtype, comparison_kind(r))
+        g = groups.setdefault(key, {"op": r.op, "dtype": r.dtype, "check": key[2], "n": 0, "failed": 0,
+                                    "max_rel": 0.0, "rtol": r.result.tolerance.rtol,
+                                    "atol": r.result.tolerance.atol})
+        g["n"] += 1
+        g["failed"] += 0 if r.ok else 1
+        g["max_rel"] = max(g["max_rel"], r.result.max_rel)
+    return list(groups.values())
+
+
 def summarize(rows: Sequence[CheckRow]) -> List[dict]:
     """Worst error per (op, dtype, check kind), ready to print as a table."""
     groups = {}

@@ -87,12 +87,12 @@ def cmd_check(args) -> int:
     t0 = time.perf_counter()
     rows = check.run(ops, dtypes, full=args.full, progress=_progress_bar())
     elapsed = time.perf_counter() - t0
-    summary = check.summarize(rows)
-    table = [(s["op"], s["dtype"], s["what"], s["check"], str(s["n"]), f"{s['max_rel']:.2e}",
-              f"{s['max_elem_rel']:.2e}", f"{s['rtol']:g} / {s['atol']:g}",
-              "ok" if s["failed"] == 0 else f"FAIL ({s['failed']})", s["worst"]) for s in summary]
-    print(_table(table, ("op", "dtype", "value", "comparison", "cases", "max rel err",
-                         "max elem rel", "rtol / atol*max|ref|", "status", "worst case")))
+    if args.compact:
+        table = [(s["op"], s["dtype"], s["check"], str(s["n"]), f"{s['max_rel']:.2e}",
+                  "ok" if s["failed"] == 0 else f"FAIL ({s['failed']})") for s in check.summarize_compact(rows)]
+        print(_table(table, ("op", "dtype", "comparison", "cases", "max rel err", "status")))
+    else:
+        _print_detailed(rows)
     failed = [r for r in rows if not r.ok]
     print(f"\n{len(rows)} comparisons, {len(failed)} failed, {elapsed:.1f}s "
           f"(max rel err = max|a-ref| / max|ref|; pass rule |a-ref| <= rtol|ref| + atol max|ref|)")
@@ -100,6 +100,15 @@ def cmd_check(args) -> int:
         for r in failed[:50]:
             print(f"FAIL {r.op}/{r.variant} {r.regime} {r.dtype} T={r.T} C={r.chunk}: {r.check}: {r.result}")
     return 1 if failed else 0
+
+
+def _print_detailed(rows) -> None:
+    summary = check.summarize(rows)
+    table = [(s["op"], s["dtype"], s["what"], s["check"], str(s["n"]), f"{s['max_rel']:.2e}",
+              f"{s['max_elem_rel']:.2e}", f"{s['rtol']:g} / {s['atol']:g}",
+              "ok" if s["failed"] == 0 else f"FAIL ({s['failed']})", s["worst"]) for s in summary]
+    print(_table(table, ("op", "dtype", "value", "comparison", "cases", "max rel err",
+                         "max elem rel", "rtol / atol*max|ref|", "status", "worst case")))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--op", action="append", help="op name (repeatable); default: every op")
     chk.add_argument("--dtype", choices=("float64", "float32", "all"), default="float64")
     chk.add_argument("--full", action="store_true", help="the full sweep of numerics.md (T up to 257)")
+    chk.add_argument("--compact", action="store_true", help="one row per op, dtype and kind of comparison")
     chk.add_argument("-v", "--verbose", action="store_true")
     chk.set_defaults(func=cmd_check)
     return p
