@@ -90,7 +90,9 @@ def _check_state(spec: OpSpec, state_args, name: str, value, binder: V.Binder, r
                 f"{spec.name}: argument '{label}' has dtype {x.dtype}; expected {want} "
                 "(the state dtype follows the inputs; nothing is cast implicitly)"
             )
-        V.check_values(spec.name, Arg(label, arg.dims, kind=arg.kind), x)
+        # a cotangent (dht) has no range constraint, only finiteness
+        V.check_values(spec.name, Arg(label, arg.dims, kind=arg.kind,
+                                      nonnegative=arg.nonnegative and name != "dht"), x)
     return _state_tree(state_args, parts)
 
 
@@ -124,18 +126,73 @@ def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = F
     h0 = _check_state(spec, sargs, state_name, values.get(state_name), binder, dtype, drop)
     p.has_initial_state = h0 is not None
     if h0 is None:
+        if spec.growing_axis:  # an empty cache
+            binder.sizes.setdefault(spec.growing_axis, 0)
         h0 = _state_tree(sargs, [_zeros_for(a, binder.sizes, dtype) for a in sargs])
     p.initial_state = h0
     if vjp:
         do_arg = Arg("do", spec.output)
         V.check_arrays(op, [do_arg], values, binder, real_dtype=dtype)
         p.do = values["do"]
-        dht = _check_state(spec, sargs, "dht", values.get("dht"), binder, dtype)
+        out_binder = _final_state_binder(spec, binder, p.cu_seqlens)
+        dht = _check_state(spec, sargs, "dht", values.get("dht"), out_binder, dtype)
         if dht is None:
-            dht = _state_tree(sargs, [_zeros_for(a, binder.sizes, dtype) for a in sargs])
+            dht = _state_tree(sargs, [_zeros_for(a, out_binder.sizes, dtype) for a in sargs])
         p.dht = dht
     p.sizes = binder.sizes
     return p
+
+
+# ---------------------------------------------------------------------------- growing states
+def _final_state_binder(spec: OpSpec, binder: V.Binder, cu_seqlens) -> V.Binder:
+    """The sizes of the final state: those of the initial state, except a growing axis, which
+    gains the call's T tokens (with cu_seqlens: the longest segment's, see _pad_segment_states)."""
+    if not spec.growing_axis:
+        return binder
+    L = spec.growing_axis
+    grown = binder.sizes["T"] if cu_seqlens is None else int(np.diff(cu_seqlens).max())
+    sizes = dict(binder.sizes, **{L: binder.sizes[L] + grown})
+    return V.Binder(binder.op, sizes, dict(binder.source, **{L: f"the final state ({L} + the tokens of the call)"}))
+
+
+def _growing_axis_of(spec: OpSpec, arg: Arg):
+    return arg.dims.index(spec.growing_axis) if spec.growing_axis in arg.dims else None
+
+
+def concat_segment_states(spec: OpSpec, state_args, finals: Sequence):
+    """Stack the final states of varlen segments along N. A growing axis differs in length
+    between segments: shorter states are front-padded with zeros (absent entries)."""
+    if not spec.growing_axis:
+        return tree_concat(finals, axis=0)
+    parts = []
+    for i, arg in enumerate(state_args):
+        leaves = [f[i] if len(state_args) > 1 else f for f in finals]
+        ax = _growing_axis_of(spec, arg)
+        if ax is not None:
+            longest = max(x.shape[ax] for x in leaves)
+            pads = [[(0, 0)] * x.ndim for x in leaves]
+            for pad, x in zip(pads, leaves):
+                pad[ax] = (longest - x.shape[ax], 0)
+            leaves = [np.pad(x, pad) for x, pad in zip(leaves, pads)]
+        parts.append(np.concatenate(leaves, axis=0))
+    return _state_tree(state_args, parts)
+
+
+def segment_cotangent(spec: OpSpec, state_args, dht_n, length: int):
+    """The part of a (front-padded) final-state cotangent that belongs to a segment whose final
+    state has ``length`` entries along the growing axis."""
+    if not spec.growing_axis:
+        return dht_n
+    parts = dht_n if len(state_args) > 1 else (dht_n,)
+    out = []
+    for arg, x in zip(state_args, parts):
+        ax = _growing_axis_of(spec, arg)
+        if ax is not None:
+            index = [slice(None)] * x.ndim
+            index[ax] = slice(x.shape[ax] - length, None)
+            x = x[tuple(index)]
+        out.append(x)
+    return _state_tree(state_args, out)
 
 
 # ---------------------------------------------------------------------------- grouped heads
@@ -337,16 +394,17 @@ def _forward_varlen(spec: OpSpec, core, p, kw):
         o, ht = core(**_segment_inputs(spec, p.inputs, lo, hi), initial_state=h0, **kw)
         outs.append(o)
         finals.append(ht)
-    return np.concatenate(outs, axis=1), tree_concat(finals, axis=0)
+    return np.concatenate(outs, axis=1), concat_segment_states(spec, p.state_args, finals)
 
 
 def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
     per_token = {n: [] for n, x in p.inputs.items() if x is not None and spec.arg(n).per_token}
     shared = {n: None for n, x in p.inputs.items() if x is not None and not spec.arg(n).per_token}
     dh0 = []
+    L0 = p.sizes.get(spec.growing_axis, 0) if spec.growing_axis else 0
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
-        dht = tree_map(lambda s: s[n:n + 1], p.dht)
+        dht = segment_cotangent(spec, p.state_args, tree_map(lambda s: s[n:n + 1], p.dht), L0 + hi - lo)
         if hi == lo:  # the segment is the identity map on the state
             for name in per_token:
                 per_token[name].append(p.inputs[name][:, lo:hi] * 0)

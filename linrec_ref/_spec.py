@@ -36,6 +36,7 @@ class Arg:
               real inputs) or "any_float" (real or complex).
     log_gate: the argument is a natural-log decay: must be <= 0; -inf is allowed (a hard reset).
     positive: every entry must be > 0 (e.g. a step size that is not passed through softplus).
+    nonnegative: every entry must be >= 0 (e.g. the decay weights of a KV cache, 0 = absent).
     optional: may be None.
     """
 
@@ -45,6 +46,7 @@ class Arg:
     log_gate: bool = False
     positive: bool = False
     optional: bool = False
+    nonnegative: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "dims", parse_dims(self.dims))
@@ -101,6 +103,11 @@ class OpSpec:
     # options -> state Args, for ops whose state depends on an option (e.g. a normaliser that
     # adds a running key sum to the state); None means ``state`` always.
     state_fn: Optional[Callable[[dict], Tuple[Arg, ...]]] = None
+    # A state dimension that grows by the number of tokens of a call (a KV cache length, "L"):
+    # the final state has L + T entries along it; without an initial state L = 0. With
+    # cu_seqlens, the final states of segments are front-padded with zeros to the longest, so an
+    # op with a growing axis must treat all-zero entries as absent (see _forms).
+    growing_axis: Optional[str] = None
 
     def arg(self, name: str) -> Arg:
         for a in self.inputs:

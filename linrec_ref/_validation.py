@@ -128,6 +128,11 @@ def check_values(op: str, arg: Arg, x: np.ndarray) -> None:
     bad = ~np.isfinite(x)
     if bad.any():
         raise InputError(f"{op}: argument '{arg.name}' contains Inf at index {_first_index(bad)}")
+    if arg.nonnegative:
+        neg = x < 0
+        if neg.any():
+            i = _first_index(neg)
+            raise InputError(f"{op}: argument '{arg.name}' must be >= 0; got {x[i]!r} at index {i}")
     if arg.positive:
         nonpos = x <= 0
         if nonpos.any():

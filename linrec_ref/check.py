@@ -19,7 +19,7 @@ from typing import Callable, Iterable, List, Optional, Sequence
 import numpy as np
 
 from . import registry, testing
-from ._forms import tree_map
+from ._forms import concat_segment_states, segment_cotangent, tree_map
 
 QUICK_LENGTHS = (1, 7, 64)
 FULL_LENGTHS = (1, 2, 7, 64, 257)
@@ -207,7 +207,7 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
         o_n, h_n = run_form(op, form, dict(seg, initial_state=h0_n), chunk_size)
         outs.append(o_n)
         finals.append(h_n)
-    sep_h = tree_map(lambda *parts: np.concatenate(parts, axis=0), *finals)
+    sep_h = concat_segment_states(spec, spec.state_args(spec.variants[variant]), finals)
     tier = testing.tier_for(dt)
     label = f"lengths {list(lengths)}"
     rows = [CheckRow(op, variant, f"o,ht: varlen {label} vs separate calls ({form})", regime, dt.name, T,
@@ -219,9 +219,11 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
         # separate calls, gradients assembled in the packed layout
         g_sep = {n: np.zeros_like(x[n]) for n in spec.differentiable if x.get(n) is not None}
         dh0 = []
+        state_args = spec.state_args(spec.variants[variant])
+        L0 = testing.default_dims(op).get(spec.growing_axis, 0) if spec.growing_axis else 0
         for n in range(len(lengths)):
             lo, hi = cu[n], cu[n + 1]
-            dht_n = tree_map(lambda s: s[n:n + 1], dht)
+            dht_n = segment_cotangent(spec, state_args, tree_map(lambda s: s[n:n + 1], dht), L0 + hi - lo)
             if hi == lo:
                 dh0.append(dht_n)
                 continue

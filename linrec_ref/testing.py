@@ -160,6 +160,9 @@ def random_state(op: str, dims: dict, dtype=np.float64, rng=None, scale: float =
     parts = []
     for arg in state_args:
         shape = tuple(sizes[d] for d in arg.dims)
+        if arg.nonnegative or arg.positive:  # e.g. cache weights: away from 0 for FD steps
+            parts.append(rng.uniform(0.05, 1.0, shape).astype(dtype))
+            continue
         x = scale * rng.standard_normal(shape)
         if arg.kind == "complex":
             x = x + 1j * scale * rng.standard_normal(shape)

@@ -75,13 +75,12 @@ Attention with a Forget Gate", 2025; Beltagy et al., "Longformer", 2020 (sliding
 """
 from __future__ import annotations
 
-import functools
 import inspect
 import numbers
 
 import numpy as np
 
-from .. import _forms, _regimes
+from .. import _regimes
 from .. import _validation as V
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._scan import from_chunks, reverse_sweep, segsum, to_chunks
@@ -112,7 +111,8 @@ SPEC = OpSpec(
     inputs=(Arg("q", "B T H K"), Arg("k", "B T H K"), Arg("v", "B T HV V"),
             Arg("g", "B T HV", log_gate=True, optional=True)),
     output="B T HV V",
-    state=(Arg("k_cache", "N HV L K"), Arg("v_cache", "N HV L V"), Arg("a_cache", "N HV L")),
+    state=(Arg("k_cache", "N HV L K"), Arg("v_cache", "N HV L V"), Arg("a_cache", "N HV L", nonnegative=True)),
+    growing_axis="L",
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
            "fla.ops.forgetting_attn.parallel_forgetting_attn",
@@ -137,15 +137,6 @@ def _check_window(window):
         raise V.InputError(f"{OP}: option 'window' must be a positive integer (the number of keys "
                            f"a query sees, itself included) or None, got {window}")
     return int(window)
-
-
-def _check_cache(state, name="initial_state"):
-    """The cache weights a_cache must be >= 0 (they multiply softmax numerators)."""
-    a = state[2]
-    if a.size and (a < 0).any():
-        i = tuple(int(j) for j in np.unravel_index(int(np.argmax(a < 0)), a.shape))
-        raise V.InputError(f"{OP}: argument '{name}.a_cache' holds the cache weights exp(decay) and "
-                           f"must be >= 0 (0 = absent); got {a[i]!r} at index {i}")
 
 
 def _heads(x):
@@ -215,7 +206,6 @@ def recurrent(q, k, v, g, *, scale, initial_state, window):
     """The definition, token by token against the growing cache. q, k: [B, T, H, K];
     v: [B, T, H, V]; g: [B, T, H] or None; cache (k_cache, v_cache, a_cache) [B, H, L, ...]."""
     window = _check_window(window)
-    _check_cache(initial_state)
     Kc, Vc, a = initial_state
     L, T = a.shape[-1], q.shape[1]
     K_all = np.concatenate([Kc, _heads(k)], axis=2)                 # [B, H, L+T, K]
@@ -235,7 +225,6 @@ def step(q, k, v, g, *, state, scale, window):
     (k_cache [B, H, L, K], v_cache [B, H, L, V], a_cache [B, H, L]). Returns (o_t, cache with the
     token appended, L + 1 long)."""
     window = _check_window(window)
-    _check_cache(state, "state")
     Kc, Vc, a = state
     gh = np.zeros(v.shape[:2], v.dtype) if g is None else g         # [B, H]
     a = _advance(gh[..., None])(a, 0)                               # [B, H, L+1]
@@ -256,7 +245,6 @@ def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     Memory: the per-step weight vectors a_t are recomputed from checkpoints (reverse_sweep).
     """
     window = _check_window(window)
-    _check_cache(initial_state)
     Kc, Vc, a0 = initial_state
     L, T = a0.shape[-1], q.shape[1]
     K_all = np.concatenate([Kc, _heads(k)], axis=2)                 # [B, H, L+T, K]
@@ -343,7 +331,6 @@ def attention_matrix(q, k, g, *, scale, window):
 def parallel(q, k, v, g, *, scale, initial_state, window):
     """o = softmax(scale Q [K_cache; K]^T + bias) [V_cache; V]. Shapes as ``recurrent``."""
     window = _check_window(window)
-    _check_cache(initial_state)
     _, K_all, V_all, gh, _, _, P, _, _ = _parallel_parts(q, k, v, g, scale, initial_state, window)
     o = P @ V_all                                                   # [B, H, T, V]
     return _heads(o), _final_cache(K_all, V_all, gh, initial_state[2])
@@ -354,7 +341,6 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     """Backward of the parallel form: dS = P (dP - dO . O), matrix products, and dg from
     exclusive cumulative sums of dS along each row (cache columns first)."""
     window = _check_window(window)
-    _check_cache(initial_state)
     qh, K_all, V_all, gh, qk, bias, P, m, den = _parallel_parts(q, k, v, g, scale, initial_state,
                                                                 window)
     a = initial_state[2]
@@ -493,7 +479,6 @@ def chunkwise(q, k, v, g, *, scale, initial_state, chunk_size, window):
     Memory: O(T C) per head for the blocks of one key chunk, plus the O(L + T) cache.
     """
     window = _check_window(window)
-    _check_cache(initial_state)
     T = q.shape[1]
     parts, o, _ = _chunk_forward(q, k, v, g, scale, initial_state, chunk_size, window)
     return from_chunks(o, T), _chunk_final_cache(parts, initial_state, T)
@@ -511,7 +496,6 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size, wind
     4. the final cache's terms (d a_out / d g_j = a_out for keys before j)
     """
     window = _check_window(window)
-    _check_cache(initial_state)
     C, T = chunk_size, q.shape[1]
     Kc, Vc, a = initial_state
     L = a.shape[-1]
@@ -568,146 +552,7 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size, wind
     return grads
 
 
-# ----------------------------------------------------------------------------- the cache plumbing
-# The generic wrappers (linrec_ref._forms) bind the cache length L from a given initial_state but
-# cannot materialise an empty cache (L = 0) when none is given, and concatenate the final states
-# of varlen segments, whose caches differ in length. The public functions below add exactly these
-# two things around the wrapped forms; everything else (validation, grouped heads) is theirs.
-def _empty_cache(q, v, N, step=False):
-    """The empty cache (L = 0) for N sequences: ([N, HV, 0, K], [N, HV, 0, V], [N, HV, 0])."""
-    HV = v.shape[1 if step else 2]
-    dt = q.dtype
-    return (np.zeros((N, HV, 0, q.shape[-1]), dt), np.zeros((N, HV, 0, v.shape[-1]), dt),
-            np.zeros((N, HV, 0), dt))
-
-
-def _well_formed(q, v, step):
-    rank = 3 if step else 4
-    return (isinstance(q, np.ndarray) and isinstance(v, np.ndarray) and q.ndim == rank
-            and v.ndim == rank and q.dtype in V.REAL_DTYPES)
-
-
-def _pad_front(cache, length):
-    """Pad a cache [1, HV, L', ...] at its old end with absent entries (k = v = 0, a = 0)."""
-    extra = length - cache[2].shape[-1]
-    return tuple(np.concatenate([np.zeros(x.shape[:2] + (extra,) + x.shape[3:], x.dtype), x], axis=2)
-                 for x in cache)
-
-
-def _varlen(dense, kind, values, given):
-    """Packed sequences one segment at a time (each a B = 1 call with its own cache)."""
-    q, v = values["q"], values["v"]
-    cu = V.check_cu_seqlens(OP, values["cu_seqlens"], q.shape[0], q.shape[1])
-    n_seg = len(cu) - 1
-    h0 = values["initial_state"] if given else _empty_cache(q, v, n_seg)
-    if not (isinstance(h0, tuple) and len(h0) == 3 and all(isinstance(x, np.ndarray) for x in h0)
-            and all(x.ndim >= 1 and x.shape[0] == n_seg for x in h0)):
-        raise V.InputError(f"{OP}: with cu_seqlens, 'initial_state' must be a tuple (k_cache, v_cache, "
-                           f"a_cache) of arrays with N = {n_seg} rows (one per segment)")
-    L0 = h0[2].shape[-1]
-    lengths = np.diff(cu)
-    L_out = L0 + int(lengths.max())
-    fixed = {n: x for n, x in values.items()
-             if n not in ("q", "k", "v", "g", "cu_seqlens", "initial_state", "do", "dht",
-                          "output_final_state")}
-    outs, finals, grads = [], [], []
-    for n in range(n_seg):
-        lo, hi = int(cu[n]), int(cu[n + 1])
-        h0_n = tuple(x[n:n + 1] for x in h0)
-        seg = {name: (None if values.get(name) is None else values[name][:, lo:hi])
-               for name in ("q", "k", "v", "g")}
-        if kind == "forward":
-            if hi == lo:
-                outs.append(np.zeros((1, 0) + v.shape[2:], v.dtype))
-                finals.append(h0_n)
-                continue
-            o_n, h_n = dense(dict(seg, **fixed, initial_state=h0_n, output_final_state=True), True)
-            outs.append(o_n)
-            finals.append(h_n)
-        else:
-            dht = values.get("dht")
-            L_n = L0 + hi - lo
-            dht_n = None if dht is None else tuple(x[n:n + 1, :, L_out - L_n:] for x in dht)
-            if hi == lo:
-                zero = {name: (None if x is None else np.zeros_like(x)) for name, x in seg.items()}
-                dh0 = dht_n if dht_n is not None else tuple(np.zeros_like(x) for x in h0_n)
-                grads.append(dict(zero, initial_state=dh0))
-                continue
-            grads.append(dense(dict(seg, **fixed, initial_state=h0_n, do=values["do"][:, lo:hi],
-                                    dht=dht_n), True))
-    if kind == "forward":
-        final = tuple(np.concatenate(parts, axis=0)
-                      for parts in zip(*[_pad_front(h, L_out) for h in finals]))
-        return np.concatenate(outs, axis=1), (final if values.get("output_final_state") else None)
-    out = {name: (None if values.get(name) is None
-                  else np.concatenate([gr[name] for gr in grads], axis=1)) for name in ("q", "k", "v", "g")}
-    out["initial_state"] = (tuple(np.concatenate(p, axis=0) for p in zip(*[gr["initial_state"] for gr in grads]))
-                            if given else None)
-    return out
-
-
-def _vjp_dense(form, values, given):
-    """The wrapped vjp form's steps (``_forms.vjp_form``), except that the final-state cotangent
-    dht is checked against the FINAL cache length L + T (the wrapper binds dht's L to the initial
-    state's, which holds for fixed-size states only)."""
-    chunked = "chunk_size" in form.__signature__.parameters
-    dht = values.get("dht")
-    p = _forms._prepare(SPEC, dict(values, dht=None), chunked=chunked, vjp=True)
-    L_out = p.initial_state[2].shape[-1] + p.sizes["T"]
-    if dht is not None:
-        binder = V.Binder(OP, dict(p.sizes, L=L_out))
-        p.dht = _forms._check_state(SPEC, SPEC.state, "dht", dht, binder, p.dtype)
-    else:
-        p.dht = tuple(_forms._zeros_for(a, dict(p.sizes, L=L_out), p.dtype) for a in SPEC.state)
-    kw = _forms._core_kwargs(SPEC, p, chunked)
-    inputs = p.inputs
-    p.inputs = _forms._expand_groups(SPEC, p)
-    grads = form.core(**p.inputs, do=p.do, dht=p.dht, initial_state=p.initial_state, **kw)
-    p.inputs = inputs
-    grads = _forms._reduce_groups(SPEC, p, grads)
-    out = {n: (grads.get(n) if inputs.get(n) is not None else None) for n in SPEC.differentiable}
-    out["initial_state"] = grads["initial_state"] if given else None
-    return out
-
-
-def _with_cache(form, kind):
-    """Public form = the wrapped form + an empty default cache + varlen with padded caches
-    (+ the final-cache-length check of dht for the vjps)."""
-    sig = form.__signature__
-    state_name = "state" if kind == "step" else "initial_state"
-
-    def dense(values, given):
-        if not given:
-            values = dict(values)
-            values[state_name] = _empty_cache(values["q"], values["v"], values["q"].shape[0],
-                                              kind == "step")
-        if kind == "vjp":
-            return _vjp_dense(form, values, given)
-        return form(**{n: x for n, x in values.items() if n != "options"}, **values["options"])
-
-    def public(*args, **kwargs):
-        values = _forms._bind(SPEC, sig, args, kwargs)              # TypeError with the signature
-        if not _well_formed(values.get("q"), values.get("v"), kind == "step"):
-            return form(*args, **kwargs)                            # the form's own message
-        given = values.get(state_name) is not None
-        if kind != "step" and values.get("cu_seqlens") is not None:
-            return _varlen(dense, kind, values, given)
-        return dense(values, given)
-
-    functools.update_wrapper(public, form)
-    public.__signature__ = sig
-    return public
-
-
-recurrent = _with_cache(recurrent, "forward")
-parallel = _with_cache(parallel, "forward")
-chunkwise = _with_cache(chunkwise, "forward")
-step = _with_cache(step, "step")
-recurrent_vjp = _with_cache(recurrent_vjp, "vjp")
-parallel_vjp = _with_cache(parallel_vjp, "vjp")
-chunkwise_vjp = _with_cache(chunkwise_vjp, "vjp")
-
-
+# ----------------------------------------------------------------------------- cache utilities
 def truncate_cache(cache, window):
     """Keep the last window - 1 entries of a cache (k_cache, v_cache, a_cache): with a sliding
     window W, older keys are never read again, so the next call's results are identical."""
