@@ -95,5 +95,7 @@ lru = Op("lru")
 mlstm = Op("mlstm")
 delta_rule = Op("delta_rule")
 gated_delta_rule = Op("gated_delta_rule")
+delta_product = Op("delta_product")
+softmax_attention = Op("softmax_attention")
 
 __all__ = ["Op", "InputError", "registry", "FORMS"] + list(registry.OP_NAMES)
