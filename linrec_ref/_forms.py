@@ -458,9 +458,10 @@ def matrix_form(spec: OpSpec, names: Sequence[str]):
             return core(**_expand_groups(spec, p), **kw)
 
         return _publish(form, core, sig, """
-    Returns the implicit attention matrix M [B, H, T, T] (lower triangular) such that the parallel
-    form's output is o[b, :, h] = M[b, h] @ v[b, :, h] (without initial state). For inspection and
-    plots; O(T^2) memory.
+    Returns the op's implicit attention matrix M (causal: lower triangular in time), the linear
+    map from the op's values to its output with a zero initial state, e.g. [B, H, T, T] with
+    o[b, :, h] = M[b, h] @ v[b, :, h] for the q/k/v ops; the op's docstring above gives its exact
+    shape and what it multiplies. For inspection and plots; O(T^2) memory.
 """)
 
     return decorate
