@@ -96,6 +96,8 @@ mlstm = Op("mlstm")
 delta_rule = Op("delta_rule")
 gated_delta_rule = Op("gated_delta_rule")
 delta_product = Op("delta_product")
+dplr = Op("dplr")
+rwkv7 = Op("rwkv7")
 softmax_attention = Op("softmax_attention")
 
 __all__ = ["Op", "InputError", "registry", "FORMS"] + list(registry.OP_NAMES)
