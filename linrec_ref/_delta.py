@@ -1,35 +1,46 @@
-r"""Machinery shared by the delta-rule ops (delta_rule, gated_delta_rule): the recurrence, its
-adjoint, and the chunkwise UT/WY transform with one triangular solve per chunk.
+r"""Machinery shared by the delta-rule ops (delta_rule, gated_delta_rule, kda): the scalar-gate
+recurrence and its adjoint, and the chunkwise UT/WY transform with one triangular solve per chunk
+for a scalar or a per-key-channel gate.
 
-Everything here is written for the gated rule (decay first, then the delta step):
+The chunk machinery is written for the per-channel rule (kda; decay first, then the delta step):
 
-    S'_t    = a_t S_{t-1},                 a_t = exp(g_t) in [0, 1]
+    S'_t    = diag(a_t) S_{t-1},           a_t = exp(g_t) in [0, 1]^K
     delta_t = beta_t (v_t - S'_t^T k_t)                                   ("new value", [V])
-    S_t     = S'_t + k_t delta_t^T  =  a_t (I - beta_t k_t k_t^T) S_{t-1} + beta_t k_t v_t^T
+    S_t     = S'_t + k_t delta_t^T  =  (I - beta_t k_t k_t^T) diag(a_t) S_{t-1} + beta_t k_t v_t^T
     o_t     = scale S_t^T q_t
 
-The plain delta rule is the case g = 0 (a = 1, exactly). Cores take processed inputs: keys and
-queries already l2-normalised if the op asks for it, beta already through its activation (see
-``prepare`` / ``prepare_vjp``).
+A scalar gate g_t (gated_delta_rule; [B, T, H]) is the per-channel gate constant over K: the
+chunk functions give it a channel axis of size 1 that broadcasts over K, and return its
+gradient summed over K. The plain delta rule
+is g = 0 (a = 1, exactly). ``recurrent`` / ``step`` / ``recurrent_vjp`` here are the scalar-gate
+loops (gated_delta_rule's ground truth); kda keeps its own loop in ``ops/kda.py``, so that the
+identity "kda with a gate constant over K equals gated_delta_rule" compares two independent
+loops. Cores take processed inputs: keys and queries already l2-normalised if the op asks for
+it, beta already through its activation (see ``prepare`` / ``prepare_vjp``).
 
 Derivation of the chunkwise form (from the recurrence, not from a paper)
 ------------------------------------------------------------------------
-Take one chunk of tokens t = 1..C entering with the state S_0 (= S_in). Let
-G_t = g_1 + ... + g_t (<= 0), Gamma_t = exp(G_t), and D[t, s] = exp(G_t - G_s) for s <= t
-(computed as exp(segsum), only ever exp of non-positive segment sums, an exact 0 across a
-hard reset g = -inf), D[t, s] = 0 for s > t.
+Take one chunk of tokens t = 1..C entering with the state S_0 (= S_in). Per key channel, let
+G_t = g_1 + ... + g_t (<= 0, in R^K), Gamma_t = exp(G_t) (a vector; Gamma * X scales the rows
+of X channel by channel), and for any two token rows x_t, y_s the decayed score
 
-(a) Since S_t = a_t S_{t-1} + k_t delta_t^T, unrolling gives the gated-linear-attention shape
+        <x_t, y_s>_D = sum_k x_t[k] y_s[k] exp(G_t[k] - G_s[k])      (s <= t; 0 for s > t)
 
-        S_t = Gamma_t S_0 + sum_{s <= t} D[t, s] k_s delta_s^T.                          (1)
+(GLA's scores: ``_decay.decayed_scores``, one matmul (x e^{G}) (y e^{-G})^T where the chunk's
+decay range allows factoring, exact segment sums, never exp of a positive number, elsewhere;
+an exact 0 across a hard reset g = -inf). For a scalar gate it is (x_t . y_s) exp(G_t - G_s).
 
-(b) The new value reads S'_t = a_t S_{t-1} = Gamma_t S_0 + sum_{s < t} D[t, s] k_s delta_s^T, so
+(a) Since S_t = diag(a_t) S_{t-1} + k_t delta_t^T, unrolling gives the GLA shape
 
-        delta_t + beta_t sum_{s < t} D[t, s] (k_t . k_s) delta_s = beta_t (v_t - Gamma_t S_0^T k_t).
+        S_t = diag(Gamma_t) S_0 + sum_{s <= t} diag(exp(G_t - G_s)) k_s delta_s^T.      (1)
 
-    In matrix form (rows are tokens), with the unit lower triangular
+(b) The new value reads S'_t = diag(a_t) S_{t-1} = diag(Gamma_t) S_0 + sum_{s < t} (same), so
 
-        A = I + L,   L = tril(diag(beta) (K K^T * D), -1)                                 (2)
+        delta_t + beta_t sum_{s < t} <k_t, k_s>_D delta_s = beta_t (v_t - S_0^T (Gamma_t * k_t)).
+
+    In matrix form (rows are tokens), with KKD[t, s] = <k_t, k_s>_D and the unit lower triangular
+
+        A = I + L,   L = tril(diag(beta) KKD, -1)                                         (2)
 
     this is A Delta = diag(beta) (V - (Gamma * K) S_0), hence, with the UT matrix
 
@@ -37,40 +48,45 @@ hard reset g = -inf), D[t, s] = 0 for s > t.
 
         Delta = u - w S_0.                                                               (4)
 
-    (Gamma * K has rows Gamma_t k_t: w carries the decay from the chunk start.)
-(c) Reading (1) at every t and at the chunk end C:
+    (Gamma * K has rows Gamma_t * k_t: w carries the decay from the chunk start.)
+(c) Reading (1) at every t and at the chunk end C, with QKD[t, s] = <q_t, k_s>_D:
 
-        O     = scale [ (Gamma * Q) S_0 + (Q K^T * D) Delta ]                             (5)
-        S_end = Gamma_C S_0 + K_end^T Delta,   K_end[s] = D[C, s] k_s
-              = P S_0 + K_end^T u,   P = Gamma_C I - K_end^T w  (the chunk's transition)    (6)
+        O     = scale [ (Gamma * Q) S_0 + QKD Delta ]                                     (5)
+        S_end = diag(Gamma_C) S_0 + K_end^T Delta,   K_end[s] = exp(G_C - G_s) * k_s
+              = P S_0 + K_end^T u,   P = diag(Gamma_C) - K_end^T w  (the chunk's transition) (6)
 
-    P is the WY form of the product prod_t a_t (I - beta_t k_t k_t^T) over the chunk.
+    P is the WY form of the product prod_t (I - beta_t k_t k_t^T) diag(a_t) over the chunk.
 The forms: chunkwise = (2)-(6) with a loop over chunks only for (6); parallel = one chunk of
-length T; the attention matrix (S_0 = 0) is scale (Q K^T * D) T_mat.
+length T; the attention matrix (S_0 = 0) is scale QKD T_mat.
 
 Backward through the solve (chunkwise and parallel)
 ---------------------------------------------------
 With R = diag(beta) Y, Y = V - (Gamma * K) S_0, Delta = A^{-1} R: dR = A^{-T} dDelta and
 dA = -dR Delta^T, of which only the strictly lower part (dL) matters. Then
-    dbeta_t = sum_v dR[t] Y[t] + sum_s dL[t, s] (K K^T * D)[t, s],   dY = beta * dR, dV = dY,
-    d(Gamma * K) = -dY S_0^T,  dS_0 gets -(Gamma * K)^T dY = -w^T dDelta,
-    d(K K^T) = beta * dL * D (strictly lower, symmetrised through K),
-and every decay enters through D, Gamma, K_end: with E[t, s] = D[t, s] dD[t, s] (the gradient
-of the segment sum), dG_t = sum_s E[t, s] - sum_s E[s, t] + Gamma_t (terms of dGamma_t), and
-dg = reverse cumulative sum of dG inside the chunk (never across chunks, numerics.md hazard 2).
-The state cotangent is carried backwards by the transpose of (6):
-    dS_in = P^T dS_end + scale (Gamma * Q)^T dO - w^T (scale (Q K^T * D)^T dO).
+    dbeta_t = sum_v dR[t] Y[t] + sum_s dL[t, s] KKD[t, s],   dY = beta * dR, dV = dY,
+    d(Gamma * K) = -dY S_0^T,  dKKD = beta * dL (strictly lower),  dQKD = scale dO Delta^T,
+and dq, dk through the scores with ``_decay.decayed_mix`` (row side) / ``decayed_mix_t``
+(column side). The state cotangent is carried backwards by the transpose of (6):
+    dS_in = P^T dS_end + scale (Gamma * Q)^T dO - w^T (scale QKD^T dO).
+Gates, by the gate identity per channel: every decay is a product of a row factor e^{G_t} and a
+column factor e^{-G_s}, so
+    dL/dG_t = q_t * dq_t + k_t * dk_t[row side: KKD rows, Gamma * K]
+              - k_t * dk_t[column side: QKD, KKD columns, K_end]  (+ rowsum(dS_end * S_end) at t = C)
+(the s = t terms of QKD cancel exactly and are left out), and dg is its reverse cumulative sum
+inside the chunk (never across chunks, numerics.md hazard 2), restarting at hard resets where
+the terms from the reset on sum to exactly 0 (``_decay.reverse_cumsum_in_chunks``).
 
 Numerics (numerics.md hazard 8): the eigenvalues of I - beta k k^T are 1 (K - 1 times) and
-1 - beta |k|^2, so each step is a contraction when |k| = 1 and beta in [0, 2]. With keys that are
-not unit norm, or beta outside (0, 2), the state and A^{-1} can grow exponentially; use
-``use_qk_l2norm_in_kernel=True`` for raw keys.
+1 - beta |k|^2, so each step is a contraction when |k| = 1 and beta in [0, 2] (and diag(a_t) is
+one too). With keys that are not unit norm, or beta outside (0, 2), the state and A^{-1} can grow
+exponentially; use ``use_qk_l2norm_in_kernel=True`` for raw keys.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ._scan import from_chunks, reverse_cumsum, reverse_sweep, segsum, to_chunks
+from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
+from ._scan import from_chunks, reverse_sweep, segsum, to_chunks
 from ._validation import InputError
 
 L2NORM_EPS = 1e-6
@@ -139,7 +155,7 @@ def prepare_vjp(q, k, beta, grads, use_qk_l2norm_in_kernel, beta_activation):
     return grads
 
 
-# ----------------------------------------------------------------------------- recurrent
+# ----------------------------------------------------------------------------- recurrent (scalar gate)
 def _advance(k, v, beta, g):
     """One step S_{t-1} -> S_t as a function of (S, t). k: [B, T, H, K]; v: [B, T, H, V]."""
     a = np.exp(g)                                                   # [B, T, H]
@@ -224,33 +240,49 @@ def solve_unit_lower(L, R):
     return X
 
 
-def _ut_parts(k, v, beta, g, C):
+def _is_scalar_gate(g, k):
+    """True for a scalar gate g: [B, T, H] next to keys k: [B, T, H, K]; False for [B, T, H, K]."""
+    return g.ndim == k.ndim - 1
+
+
+def _chunk_decays(g, k, C, fast_bound):
+    """The per-channel decays of the chunks (``_decay.ChunkDecay``, arrays [B, H, N, C, K]).
+
+    A scalar gate [B, T, H] is the per-channel gate constant over K: it gets a channel axis of
+    size 1 ([B, H, N, C, 1]), which broadcasts over K in every product (and keeps the exact
+    path's decay tensor [C, C, 1] instead of [C, C, K]).
+    """
+    if _is_scalar_gate(g, k):
+        g = g[..., None]                                            # [B, T, H, 1]
+    return chunk_decay(to_chunks(g, C), strict=False, fast_bound=fast_bound)
+
+
+def _ut_parts(k, v, beta, g, C, fast_bound=None):
     """Steps 1-3 of the chunkwise form (no state involved): everything per chunk.
 
-    k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]. Returns a dict of chunked arrays
-    ([B, H, N, C, ...]); see ``chunk_intermediates`` for their meaning.
+    k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or [B, T, H, K]. Returns a
+    dict of chunked arrays ([B, H, N, C, ...]); see ``chunk_intermediates`` for their meaning.
     """
     kc, vc = to_chunks(k, C), to_chunks(v, C)                       # [B, H, N, C, K|V]
-    bc, gc = to_chunks(beta, C), to_chunks(g, C)                    # [B, H, N, C]
-    # 1. decays relative to the chunk start: D[t, s] = exp(G_t - G_s), Gamma_t = exp(G_t)
-    D = np.exp(segsum(gc))                                          # [B, H, N, C, C]
-    gamma = np.exp(np.cumsum(gc, axis=-1))                          # [B, H, N, C]
-    # 2. the UT matrix: A = I + tril(diag(beta) (K K^T * D), -1), T_mat = A^{-1} diag(beta)
-    KK = kc @ kc.swapaxes(-1, -2)                                   # [B, H, N, C, C]
-    L = bc[..., :, None] * np.tril(KK * D, -1)                      # [B, H, N, C, C]
+    bc = to_chunks(beta, C)                                         # [B, H, N, C]
+    # 1. decays relative to the chunk start, per key channel (module docstring, eq. (2'))
+    d = _chunk_decays(g, k, C, fast_bound)                          # [B, H, N, C, K]
+    # 2. the UT matrix: A = I + tril(diag(beta) KKD, -1), KKD[t, s] = sum_k k_t k_s e^{G_t - G_s}
+    KKD = np.tril(decayed_scores(kc, kc, d), -1)                    # [B, H, N, C, C]
+    L = bc[..., :, None] * KKD                                      # [B, H, N, C, C]
     eye = np.eye(L.shape[-1], dtype=L.dtype)                        # [C, C]
     A_inv = solve_unit_lower(L, eye)                                # [B, H, N, C, C]  the one solve
     T_mat = A_inv * bc[..., None, :]                                # [B, H, N, C, C]
     # 3. WY factors: u = T_mat V, w = T_mat (Gamma * K); chunk transition P and input U
+    gk = d.eq * kc                                                  # [B, H, N, C, K]  Gamma_t * k_t
     u = T_mat @ vc                                                  # [B, H, N, C, V]
-    w = T_mat @ (gamma[..., None] * kc)                             # [B, H, N, C, K]
-    k_end = kc * D[..., -1, :, None]                                # [B, H, N, C, K]  D[C, s] k_s
-    gamma_end = gamma[..., -1]                                      # [B, H, N]
-    P = gamma_end[..., None, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
+    w = T_mat @ gk                                                  # [B, H, N, C, K]
+    k_end = kc * d.to_end                                           # [B, H, N, C, K]  e^{G_C - G_s} k_s
+    P = d.total[..., :, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
         - k_end.swapaxes(-1, -2) @ w                                # [B, H, N, K, K]
     U = k_end.swapaxes(-1, -2) @ u                                  # [B, H, N, K, V]
-    return dict(kc=kc, vc=vc, bc=bc, D=D, gamma=gamma, KK=KK, A_inv=A_inv, T_mat=T_mat,
-                u=u, w=w, k_end=k_end, gamma_end=gamma_end, P=P, U=U)
+    return dict(kc=kc, vc=vc, bc=bc, d=d, KKD=KKD, A_inv=A_inv, T_mat=T_mat, gk=gk,
+                u=u, w=w, k_end=k_end, P=P, U=U)
 
 
 def _carry(parts, initial_state):
@@ -264,74 +296,94 @@ def _carry(parts, initial_state):
     return S_in, S
 
 
-def chunk_intermediates(k, v, beta, g, initial_state, chunk_size):
+def chunk_intermediates(k, v, beta, g, initial_state, chunk_size, fast_bound=None):
     """The per-chunk quantities a kernel writer needs, for processed inputs (H == HV, dense).
 
-    k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H] (g = 0 for the ungated rule);
-    initial_state: [B, H, K, V]. With N = ceil(T / C) chunks of C = chunk_size tokens (the last
-    one zero-padded), returns a dict:
+    k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] (scalar gate; 0 for the
+    ungated rule) or [B, T, H, K] (per-key-channel gate, kda); initial_state: [B, H, K, V].
+    With N = ceil(T / C) chunks of C = chunk_size tokens (the last one zero-padded), returns:
         S_in      [B, H, N, K, V]  the state entering each chunk (S_in[:, :, 0] = initial_state)
-        T_mat     [B, H, N, C, C]  A^{-1} diag(beta), A = I + tril(diag(beta)(K K^T * D), -1)
+        T_mat     [B, H, N, C, C]  A^{-1} diag(beta), A = I + tril(diag(beta) KKD, -1)
         A_inv     [B, H, N, C, C]  A^{-1} (unit lower triangular)
         w         [B, H, N, C, K]  T_mat (Gamma * K)
         u         [B, H, N, C, V]  T_mat V
-        v_new     [B, H, N, C, V]  Delta = u - w S_in, the new values written: S_t = a_t S_{t-1}
-                                   + k_t v_new_t^T
-        gamma     [B, H, N, C]     exp(g_{first} + ... + g_t), the decay from the chunk start
-        D         [B, H, N, C, C]  exp(G_t - G_s) for s <= t, else 0
+        v_new     [B, H, N, C, V]  Delta = u - w S_in, the new values written:
+                                   S_t = diag(e^{g_t}) S_{t-1} + k_t v_new_t^T
+        gamma     [B, H, N, C] (scalar g) or [B, H, N, C, K] (per-channel g): exp(G_t), the
+                                   decay from the chunk start, G_t = g_first + ... + g_t
+        D         [B, H, N, C, C]  (scalar g only) exp(G_t - G_s) for s <= t, else 0
         final_state [B, H, K, V]
     """
-    parts = _ut_parts(k, v, beta, g, chunk_size)
+    parts = _ut_parts(k, v, beta, g, chunk_size, fast_bound)
     S_in, S_T = _carry(parts, initial_state)
     v_new = parts["u"] - parts["w"] @ S_in                          # [B, H, N, C, V]
-    return {"S_in": S_in, "T_mat": parts["T_mat"], "A_inv": parts["A_inv"], "w": parts["w"],
-            "u": parts["u"], "v_new": v_new, "gamma": parts["gamma"], "D": parts["D"],
-            "final_state": S_T}
+    out = {"S_in": S_in, "T_mat": parts["T_mat"], "A_inv": parts["A_inv"], "w": parts["w"],
+           "u": parts["u"], "v_new": v_new, "gamma": parts["d"].eq, "final_state": S_T}
+    if _is_scalar_gate(g, k):
+        out["gamma"] = out["gamma"][..., 0]                         # [B, H, N, C] (from [.., C, 1])
+        out["D"] = np.exp(segsum(to_chunks(g, chunk_size)))         # [B, H, N, C, C]
+    return out
 
 
-def chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size):
+def chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size, fast_bound=None):
     """Chunkwise form, numbered steps as in the module docstring. Memory O(T/C K V) per head.
 
-    1. decays D, Gamma relative to the chunk start      2. UT matrix (one triangular solve)
-    3. WY factors u, w and the chunk transition P        4. carry S_end = P S_in + K_end^T u
-    5. new values Delta = u - w S_in                     6. o = scale[(Gamma*Q) S_in + (QK^T*D) Delta]
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or [B, T, H, K].
+    fast_bound: see ``_decay.chunk_decay`` (None: the dtype's default; 0 forces the exact path).
+    1. decays Gamma, e^{G_C - G_s} relative to the chunk start   2. UT matrix (one triangular solve)
+    3. WY factors u, w and the chunk transition P                 4. carry S_end = P S_in + K_end^T u
+    5. new values Delta = u - w S_in                              6. o = scale[(Gamma*Q) S_in + QKD Delta]
     """
-    parts = _ut_parts(k, v, beta, g, chunk_size)                    # 1.-3.
+    C = max(1, min(chunk_size, q.shape[1]))                         # one chunk covers T <= C
+    parts = _ut_parts(k, v, beta, g, C, fast_bound)                 # 1.-3.
     S_in, S_T = _carry(parts, initial_state)                        # 4.
     delta = parts["u"] - parts["w"] @ S_in                          # 5. [B, H, N, C, V]
-    qc = to_chunks(q, chunk_size)                                   # [B, H, N, C, K]
-    qk = (qc @ parts["kc"].swapaxes(-1, -2)) * parts["D"]           # [B, H, N, C, C]
-    o = scale * ((parts["gamma"][..., None] * qc) @ S_in + qk @ delta)  # 6. [B, H, N, C, V]
+    qc = to_chunks(q, C)                                            # [B, H, N, C, K]
+    d = parts["d"]
+    QKD = decayed_scores(qc, parts["kc"], d)                        # [B, H, N, C, C]
+    o = scale * ((d.eq * qc) @ S_in + QKD @ delta)                  # 6. [B, H, N, C, V]
     return from_chunks(o, q.shape[1]), S_T
 
 
-def attention_matrix(q, k, beta, g, scale):
-    """M = scale (Q K^T * D) T_mat over the whole sequence: [B, H, T, T], o = M v when S_0 = 0."""
-    T = q.shape[1]
-    parts = _ut_parts(k, k[..., :1] * 0, beta, g, T)                # v unused by T_mat
-    qk = (to_chunks(q, T) @ parts["kc"].swapaxes(-1, -2)) * parts["D"]  # [B, H, 1, T, T]
-    return scale * (qk @ parts["T_mat"])[:, :, 0]                   # [B, H, T, T]
+def attention_matrix(q, k, beta, g, scale, fast_bound=None):
+    """M = scale QKD T_mat over the whole sequence: [B, H, T, T], o = M v when S_0 = 0."""
+    T = max(q.shape[1], 1)
+    parts = _ut_parts(k, k[..., :1] * 0, beta, g, T, fast_bound)    # v unused by T_mat
+    QKD = decayed_scores(to_chunks(q, T), parts["kc"], parts["d"])  # [B, H, 1, T, T]
+    return scale * (QKD @ parts["T_mat"])[:, :, 0]                  # [B, H, T, T]
 
 
-def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size):
+def _split_diagonal(W):
+    """(W without its diagonal, the diagonal as [..., C, 1])."""
+    diag = np.diagonal(W, axis1=-2, axis2=-1)[..., None].copy()     # [..., C, 1]
+    off = W.copy()
+    idx = np.arange(W.shape[-1])
+    off[..., idx, idx] = 0
+    return off, diag
+
+
+def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, fast_bound=None):
     """Backward of the chunkwise form, through the triangular solve (module docstring).
 
     1. recompute steps 1-5 (per-chunk states only)
     2. carry dS backwards: dS_in = P^T dS_end + scale (Gamma*Q)^T dO - w^T dDelta_local
     3. dDelta, then through the solve: dR = A^{-T} dDelta, dL = tril(-dR Delta^T, -1)
-    4. gradients of q, k, v, beta; 5. dg from the segment-sum gradients, reverse-summed per chunk
+    4. gradients of q, k, v, beta (k enters on the query side of KKD and Gamma*K, and on the
+       key side of QKD, KKD and K_end)
+    5. dg from the gate identity, reverse-summed per chunk (restarting at hard resets); a scalar
+       gate gets the sum over K
     """
-    T, C = q.shape[1], chunk_size
-    p = _ut_parts(k, v, beta, g, C)                                 # 1.
+    T = q.shape[1]
+    C = max(1, min(chunk_size, T))
+    p = _ut_parts(k, v, beta, g, C, fast_bound)                     # 1.
     S_in, S_T = _carry(p, initial_state)
-    kc, vc, bc, D, gamma = p["kc"], p["vc"], p["bc"], p["D"], p["gamma"]
+    kc, vc, bc, d = p["kc"], p["vc"], p["bc"], p["d"]
     delta = p["u"] - p["w"] @ S_in                                  # [B, H, N, C, V]
     qc, doc = to_chunks(q, C), to_chunks(do, C)                     # [B, H, N, C, K|V]
-    QK = qc @ kc.swapaxes(-1, -2)                                   # [B, H, N, C, C]
-    gq = gamma[..., None] * qc                                      # [B, H, N, C, K]
-    gk = gamma[..., None] * kc                                      # [B, H, N, C, K]
+    QKD = decayed_scores(qc, kc, d)                                 # [B, H, N, C, C]
+    gq = d.eq * qc                                                  # [B, H, N, C, K]
     # 2. state cotangents at every chunk end
-    ddelta_local = scale * (QK * D).swapaxes(-1, -2) @ doc          # [B, H, N, C, V]
+    ddelta_local = scale * QKD.swapaxes(-1, -2) @ doc               # [B, H, N, C, V]
     local = scale * gq.swapaxes(-1, -2) @ doc - p["w"].swapaxes(-1, -2) @ ddelta_local  # [B, H, N, K, V]
     dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
     dS = dht
@@ -343,26 +395,31 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size):
     ddelta = ddelta_local + p["k_end"] @ dS_end                     # [B, H, N, C, V]
     dR = p["A_inv"].swapaxes(-1, -2) @ ddelta                       # [B, H, N, C, V]
     dL = np.tril(-dR @ delta.swapaxes(-1, -2), -1)                  # [B, H, N, C, C]
-    Y = vc - gk @ S_in                                              # [B, H, N, C, V]
+    Y = vc - p["gk"] @ S_in                                         # [B, H, N, C, V]
     dY = bc[..., None] * dR                                         # [B, H, N, C, V]
-    dgk = -dY @ S_in.swapaxes(-1, -2)                               # [B, H, N, C, K]
-    KKD = p["KK"] * D                                               # [B, H, N, C, C]
-    dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]
-    dKK = dKKD * D
-    dP = scale * (doc @ delta.swapaxes(-1, -2))                     # [B, H, N, C, C]  d(QK * D)
-    end_term = delta @ dS_end.swapaxes(-1, -2)                      # [B, H, N, C, K]  d k_end
-    # 4. q, k, v, beta
-    dq = (dP * D) @ kc + scale * gamma[..., None] * (doc @ S_in.swapaxes(-1, -2))
-    dk = ((dP * D).swapaxes(-1, -2) @ qc + (dKK + dKK.swapaxes(-1, -2)) @ kc
-          + gamma[..., None] * dgk + D[..., -1, :, None] * end_term)
-    dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * KKD, axis=-1)     # [B, H, N, C]
-    # 5. gates: E = D * dD (gradient of each segment sum), then dG_t and dg
-    E = (dP * QK + dKKD * p["KK"]) * D                              # [B, H, N, C, C]
-    E[..., -1, :] += np.sum(kc * end_term, axis=-1) * D[..., -1, :]
-    dG = np.sum(E, axis=-1) - np.sum(E, axis=-2)                    # [B, H, N, C]
-    dG += np.sum(gq * (scale * doc @ S_in.swapaxes(-1, -2)), axis=-1) + np.sum(gk * dgk, axis=-1)
-    dG[..., -1] += p["gamma_end"] * np.sum(dS_end * S_in, axis=(-2, -1))
-    dg = reverse_cumsum(dG, axis=-1)                                # [B, H, N, C]
+    dgk = -dY @ S_in.swapaxes(-1, -2)                               # [B, H, N, C, K]  d(Gamma * K)
+    dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]  strictly lower
+    dQKD, dQKD_diag = _split_diagonal(scale * (doc @ delta.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
+    # 4. q, k, v, beta; each term of dk kept apart for the gate identity
+    dq_read = scale * d.eq * (doc @ S_in.swapaxes(-1, -2))          # [B, H, N, C, K]
+    dq_scores = decayed_mix(dQKD, kc, d)                            # [B, H, N, C, K]
+    dk_rows = decayed_mix(dKKD, kc, d) + d.eq * dgk                 # query side: KKD rows, Gamma*K
+    dk_cols = (decayed_mix_t(dQKD, qc, d) + decayed_mix_t(dKKD, kc, d)
+               + d.to_end * (delta @ dS_end.swapaxes(-1, -2)))      # key side: QKD, KKD cols, K_end
+    dq = dq_scores + dq_read + dQKD_diag * kc                       # [B, H, N, C, K]
+    dk = dk_rows + dk_cols + dQKD_diag * qc                         # [B, H, N, C, K]
+    dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * p["KKD"], axis=-1)   # [B, H, N, C]
+    # 5. gate identity: dL/dG_t = q_t dq_t + k_t dk_rows_t - k_t dk_cols_t (+ end-state term);
+    #    the s = t terms of QKD cancel exactly in it and are left out
+    S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
+    dG = qc * (dq_scores + dq_read) + kc * (dk_rows - dk_cols)      # [B, H, N, C, K]
+    dG[..., -1, :] += np.sum(dS_end * S_end, axis=-1)
+    scalar = _is_scalar_gate(g, k)
+    if scalar:                                                      # one gate for all channels
+        dG = np.sum(dG, axis=-1, keepdims=True)                     # [B, H, N, C, 1]
+    dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(d.g))       # [B, H, N, C, K or 1]
+    if scalar:
+        dg = dg[..., 0]                                             # [B, H, N, C]
     return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dY, T),
             "beta": from_chunks(dbeta, T), "g": from_chunks(dg, T), "initial_state": dh0}
 
@@ -373,8 +430,8 @@ BETA_REGIMES = {
 }
 
 
-def make_inputs(rng, regime, dims, dtype, variant, gated):
-    """Valid random inputs for both delta-rule ops (see their ``make_inputs``).
+def make_inputs(rng, regime, dims, dtype, variant, gated, per_channel=False):
+    """Valid random inputs for the delta-rule ops (see their ``make_inputs``).
 
     q, v ~ N(0, 1). Variant "default": keys exactly unit norm and beta post-activation
     (U(0.01, 0.99), or from {1e-3, 0.5, 1, 1.9} in "beta_extremes"; 1e-3 stands for 0 because
@@ -382,6 +439,9 @@ def make_inputs(rng, regime, dims, dtype, variant, gated):
     exactly is covered by the ops' own tests); any other variant (the in-op l2 norm
     and sigmoid): raw N(0, 1) keys and raw beta logits (N(0, 2^2), or from {-20, 0, 20, N(0,1)}
     in "beta_extremes"). dims["HV"] (default H) must be a multiple of dims["H"].
+    gated: add g from the decay regime, [B, T, HV] or, with per_channel (kda), [B, T, HV, K];
+    a per-channel "hard_reset" also resets single channels (-inf at ~5% of the (t, channel)
+    entries after t = 0) on top of the regime's whole-step resets.
     """
     from . import _regimes
     B, T, H, K, V = (dims[d] for d in "BTHKV")
@@ -404,5 +464,11 @@ def make_inputs(rng, regime, dims, dtype, variant, gated):
          "v": _regimes.normal(rng, (B, T, HV, V), dtype), "beta": beta.astype(dtype)}
     if gated:
         decay_regime = "typical" if regime in BETA_REGIMES else regime
-        x["g"] = _regimes.log_decay(rng, (B, T, HV), decay_regime, dtype)
+        shape = (B, T, HV, K) if per_channel else (B, T, HV)
+        g = _regimes.log_decay(rng, shape, decay_regime, np.float64)
+        if per_channel and decay_regime == "hard_reset":
+            partial = rng.uniform(size=shape) < 0.05
+            partial[:, 0] = False
+            g[partial] = -np.inf
+        x["g"] = g.astype(dtype)
     return x

@@ -15,7 +15,7 @@ from ._spec import OpSpec
 # In the order of recurrences.md section 3 (simplest first).
 OP_NAMES = (
     "linear_attention", "retnet", "simple_gla", "gla", "mamba", "hgrn", "rwkv6", "lru", "mlstm",
-    "delta_rule", "gated_delta_rule", "delta_product", "dplr", "rwkv7", "softmax_attention",
+    "delta_rule", "gated_delta_rule", "kda", "delta_product", "dplr", "rwkv7", "softmax_attention",
 )
 
 FORMS = ("recurrent", "parallel", "chunkwise")
