@@ -117,20 +117,22 @@ def random_inputs(rng, regime, dims, dtype):
     diag(e^w) - beta_t diag(c) kappa kappa^T is then a contraction in the norm |diag(c)^{-1/2} x|
     (module docstring), so states stay bounded for any T, also across hard resets (the low-rank
     term keeps reading the state where e^w = 0).
+    Grouped heads: q, k have H heads; v, a, b, w have HV = dims.get("HV", H) heads.
     Returns a dict with keys q, k, v, a, b, w.
     """
     B, T, H, K, V = (dims[d] for d in "BTHKV")
-    kappa = rng.standard_normal((B, T, H, K))
-    kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)          # [B, T, H, K], unit norm
-    c = rng.uniform(0.2, 1.0, size=(B, 1, H, K))                    # fixed over time
-    beta = rng.uniform(0.0, 1.0, size=(B, T, H, 1))
+    HV = dims.get("HV", H)
+    kappa = rng.standard_normal((B, T, HV, K))
+    kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)          # [B, T, HV, K], unit norm
+    c = rng.uniform(0.2, 1.0, size=(B, 1, HV, K))                   # fixed over time
+    beta = rng.uniform(0.0, 1.0, size=(B, T, HV, 1))
     return {
         "q": _regimes.normal(rng, (B, T, H, K), dtype),
         "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "v": _regimes.normal(rng, (B, T, HV, V), dtype),
         "a": (-kappa).astype(dtype),
         "b": (beta * c * kappa).astype(dtype),
-        "w": _gate(rng, (B, T, H, K), regime, dtype),
+        "w": _gate(rng, (B, T, HV, K), regime, dtype),
     }
 
 

@@ -14,16 +14,18 @@ Glossary
     symbol    argument   shape          paper (generalised delta rule)    fla (chunk_dplr_delta_rule)
     q_t       q          [B, T, H, K]   q_t                               q
     k_t       k          [B, T, H, K]   k_t                               k
-    v_t       v          [B, T, H, V]   v_t                               v
-    a_t       a          [B, T, H, K]   the read vector ("alpha" in fla's  a
+    v_t       v          [B, T, HV, V]  v_t                               v
+    a_t       a          [B, T, HV, K]  the read vector ("alpha" in fla's  a
                                         naive dplr_recurrence)
-    b_t       b          [B, T, H, K]   the write vector ("beta" there)   b
-    w_t       w          [B, T, H, K]   log of the per-channel decay      gk
+    b_t       b          [B, T, HV, K]  the write vector ("beta" there)   b
+    w_t       w          [B, T, HV, K]  log of the per-channel decay      gk
                                         (<= 0; -inf is a hard reset of
                                         the diagonal part only)
-    S_t       state      [N, H, K, V]   S_t (stored K x V)                initial_state / final_state
+    S_t       state      [N, HV, K, V]  S_t (stored K x V)                initial_state / final_state
     scale     scale      float          1/sqrt(d_k)                       scale (default K^-1/2)
-No grouped heads: q, k, a, b, w, v and the state all have the same H heads.
+Grouped heads: q and k have H heads, shared by HV / H value heads (value head j reads q/k head
+j // (HV / H)); v, a, b, w and the state have HV heads, as g and beta do in the delta family, so
+that the mapping onto kda holds head by head. HV = H is the plain case (fla's layout).
 
 Forms (derived in ``linrec_ref._dplr`` from the recurrence; see its docstring for the equations)
     recurrent  the loop above (ground truth); O(K V) memory per head.
@@ -83,16 +85,18 @@ SPEC = OpSpec(
     family="diagonal plus low rank (generalised delta rule)",
     transition="diagonal plus low rank",
     math="S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T;  o_t = scale S_t^T q_t",
-    inputs=(Arg("q", "BTHK"), Arg("k", "BTHK"), Arg("v", "BTHV"), Arg("a", "BTHK"),
-            Arg("b", "BTHK"), Arg("w", "BTHK", log_gate=True)),
-    output="BTHV",
-    state=(Arg("state", "NHKV"),),
+    # grouped heads as in the delta family: q, k shared by HV / H value heads; v, the
+    # transition (a, b, w) and the state per value head (so that dplr-as-kda holds per head)
+    inputs=(Arg("q", "B T H K"), Arg("k", "B T H K"), Arg("v", "B T HV V"), Arg("a", "B T HV K"),
+            Arg("b", "B T HV K"), Arg("w", "B T HV K", log_gate=True)),
+    output="B T HV V",
+    state=(Arg("state", "N HV K V"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.generalized_delta_rule.chunk_dplr_delta_rule (q, k, v, a, b, gk=w)",
            "fla.ops.generalized_delta_rule.fused_recurrent_dplr_delta_rule (q, k, v, a, b, gk=w)"),
     make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
-    default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
+    default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
 )
 
 
