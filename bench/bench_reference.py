@@ -62,7 +62,10 @@ def torch_peer(op: str, x: dict):
 
 
 def bench_op(op: str, T: int, chunk: int, repeats: int) -> dict:
-    sizes = dict(SIZES.get(op, QKV_SIZES), T=T)
+    defaults = registry.spec(op).default_dims
+    sizes = dict(defaults, **SIZES.get(op, {k: v for k, v in QKV_SIZES.items() if k in defaults}), T=T)
+    if "HV" in sizes:  # grouped-head ops: benchmark the plain case, one value head per q/k head
+        sizes["HV"] = sizes["H"]
     x = testing.make_inputs(op, "typical", dtype=np.float32, **sizes)
     fwd = lambda: registry.form(op, "chunkwise")(**x, chunk_size=chunk)
     o, _ = fwd()
