@@ -6,7 +6,7 @@ For every op: the float32 chunkwise forward and forward+backward at B=1, T=2048,
 with other dimension letters use the sizes in SIZES), median of >= 5 runs after a warm-up, in
 tokens/s. Reported next to two yardsticks measured in the same run:
   * the machine's float32 matmul rate (a 1024^3 product, GFLOP/s), and the fraction of it that the
-    chunkwise forward reaches (FLOPs counted by flops_chunkwise; only for the q/k/v ops);
+    chunkwise forward reaches (FLOPs counted by flops_chunkwise; only for GLA_SHAPED ops);
   * PyTorch CPU eager (when installed): the same recurrence written as the obvious torch loop
     over time, the CPU peer a user would otherwise pick. The ratio is torch time / reference time.
 Results go to bench/results/reference.json. Timings are never asserted anywhere.
@@ -23,6 +23,9 @@ import linrec_ref
 from linrec_ref import registry, testing
 
 QKV_SIZES = {"B": 1, "H": 8, "K": 64, "V": 64}
+# ops whose chunkwise forward is the four matmuls counted by _harness.flops_chunkwise; the delta
+# family (extra K K^T, solve, w, u) and softmax attention (T^2 work) are not, so no fraction
+GLA_SHAPED = ("linear_attention", "retnet", "simple_gla", "gla", "rwkv6", "mlstm")
 SIZES = {  # ops whose dimension letters differ from B, H, K, V
     "mamba": {"B": 1, "D": 64, "S": 16},
     "hgrn": {"B": 1, "D": 512},
@@ -76,7 +79,7 @@ def bench_op(op: str, T: int, chunk: int, repeats: int) -> dict:
     row = {"op": op, "shape": sizes, "dtype": "float32", "chunk": chunk,
            "fwd_ms": 1e3 * t_fwd, "fwd_tokens_per_s": T / t_fwd,
            "fwd_bwd_ms": 1e3 * t_fb, "bwd_over_fwd": t_fb / t_fwd - 1}
-    if all(d in sizes for d in "HKV"):
+    if op in GLA_SHAPED:
         row["fwd_gflops"] = _harness.flops_chunkwise(1, T, sizes["H"], sizes["K"], sizes["V"], chunk) / t_fwd / 1e9
     peer = torch_peer(op, x)
     if peer is not None:
