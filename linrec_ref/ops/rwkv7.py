@@ -15,14 +15,16 @@ with kappa_hat the l2-normalised "removal key" and a_coef in [0, 1]^K the in-con
 Glossary
     symbol        argument  shape          paper (RWKV-7)                     fla (chunk_rwkv7 / fused_recurrent_rwkv7)
     r_t           r         [B, T, H, K]   r_t (receptance)                   r
-    w_t           w         [B, T, H, K]   log of the decay w_t:              log_w, or -exp(w) of fla's
+    w_t           w         [B, T, HV, K]  log of the decay w_t:              log_w, or -exp(w) of fla's
                                            w = -exp(-0.5) sigmoid(..) <= 0    raw w (fla applies -exp)
     k_t           k         [B, T, H, K]   k~_t (the replacement key)         k
-    v_t           v         [B, T, H, V]   v_t                                v
-    a_t           a         [B, T, H, K]   -kappa_hat_t                       a  (= -kk in fla's layer)
-    b_t           b         [B, T, H, K]   kappa_hat_t * a_t (a_t: ICL rate)  b  (= kk * a in fla's layer)
-    S_t           state     [N, H, K, V]   wkv_t^T                            initial_state / final_state
+    v_t           v         [B, T, HV, V]  v_t                                v
+    a_t           a         [B, T, HV, K]  -kappa_hat_t                       a  (= -kk in fla's layer)
+    b_t           b         [B, T, HV, K]  kappa_hat_t * a_t (a_t: ICL rate)  b  (= kk * a in fla's layer)
+    S_t           state     [N, HV, K, V]  wkv_t^T                            initial_state / final_state
     scale         scale     float          1                                  scale (default 1.0)
+Grouped heads as in dplr: r and k have H heads shared by HV / H value heads (HV = H is RWKV-7's
+own layout).
 
     ``scale=None`` means 1.0 here (RWKV-7's convention and fla's default), not K^-1/2.
     ``w`` is the LOG decay (<= 0, -inf a hard reset of the diagonal part). fla's signature has
@@ -63,16 +65,18 @@ SPEC = OpSpec(
     transition="diagonal plus low rank",
     math="S_t = diag(exp(w_t)) S_{t-1} + b_t (a_t^T S_{t-1}) + k_t v_t^T;  o_t = scale S_t^T r_t "
          "(a = -kappa_hat, b = kappa_hat * a_coef)",
-    inputs=(Arg("r", "BTHK"), Arg("w", "BTHK", log_gate=True), Arg("k", "BTHK"), Arg("v", "BTHV"),
-            Arg("a", "BTHK"), Arg("b", "BTHK")),
-    output="BTHV",
-    state=(Arg("state", "NHKV"),),
+    # grouped heads as dplr: r, k shared by HV / H value heads; w, v, a, b and the state per
+    # value head (HV = H is RWKV-7's own layout)
+    inputs=(Arg("r", "B T H K"), Arg("w", "B T HV K", log_gate=True), Arg("k", "B T H K"),
+            Arg("v", "B T HV V"), Arg("a", "B T HV K"), Arg("b", "B T HV K")),
+    output="B T HV V",
+    state=(Arg("state", "N HV K V"),),
     default_scale=lambda d: 1.0,
     peers=("fla.ops.rwkv7.chunk_rwkv7 (r, w as log decay, k, v, a, b; scale 1.0)",
            "fla.ops.rwkv7.fused_recurrent_rwkv7 (same)"),
     make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
-    default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
+    default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
 )
 
 
@@ -85,7 +89,8 @@ def _grads(g):
 
 @forward_form(SPEC)
 def recurrent(r, w, k, v, a, b, *, scale, initial_state):
-    """The definition: a loop over t. r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V]."""
+    """The definition: a loop over t. r, w, k, a, b: [B, T, H, K]; v: [B, T, H, V] (H = HV here:
+    the wrappers have repeated r and k over the value heads)."""
     return _dplr.recurrent(r, k, v, a, b, w, scale=scale, initial_state=initial_state)
 
 
