@@ -126,7 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--compact", action="store_true", help="one row per op, dtype and kind of comparison")
     chk.add_argument("-v", "--verbose", action="store_true")
     chk.set_defaults(func=cmd_check)
+    _register_tasks(sub)
     return p
+
+
+def _register_tasks(sub) -> None:
+    """``linrec selectivbench ...`` lives in linrec_ref.tasks.cli (``register(subparsers)``)."""
+    import importlib.util
+    if importlib.util.find_spec("linrec_ref.tasks.cli") is not None:
+        from .tasks import cli as tasks_cli
+        tasks_cli.register(sub)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -1,0 +1,8 @@
+"""SelectivBench: the synthetic selectivity tasks (../shared/spec/selectivbench.md).
+
+Modules: ``grammar`` (the seeded automaton), ``sequences`` (strings and samples), ``expand``
+(time expansion: blanks, distractors, noise, labels), ``presets`` (the paper's and the CPU
+tasks), ``batching`` and ``metrics`` (masks, pooled and per-step accuracy), ``baselines``
+(n-gram lookups and the Bayes-optimal causal filter), ``storage`` (datasets on disk), ``cli``
+(``linrec selectivbench ...``).
+"""
