@@ -201,7 +201,10 @@ def decayed_scores(x: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
     W = (x * d.eq) @ (y * d.ek_inv).swapaxes(-1, -2)               # [..., C, C], fast chunks
     W *= d.mask
     for sel, E in _exact_blocks(d):
-        W[sel] = np.einsum("mtd,msd,mtsd->mts", x[sel], y[sel], E)
+        if E.shape[-1] == 1:  # a gate shared by all channels: the decay is a [C, C] mask
+            W[sel] = (x[sel] @ y[sel].swapaxes(-1, -2)) * E[..., 0]
+        else:
+            W[sel] = np.einsum("mtd,msd,mtsd->mts", x[sel], y[sel], E)
     return W
 
 
@@ -213,7 +216,10 @@ def decayed_mix(W: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
     Wm = W * d.mask                                                # [..., C, C]
     out = d.eq * (Wm @ (y * d.ek_inv))                             # [..., C, D], fast chunks
     for sel, E in _exact_blocks(d):
-        out[sel] = np.einsum("mts,msd,mtsd->mtd", Wm[sel], y[sel], E)
+        if E.shape[-1] == 1:  # a gate shared by all channels
+            out[sel] = (Wm[sel] * E[..., 0]) @ y[sel]
+        else:
+            out[sel] = np.einsum("mts,msd,mtsd->mtd", Wm[sel], y[sel], E)
     return out
 
 
@@ -225,5 +231,8 @@ def decayed_mix_t(W: np.ndarray, x: np.ndarray, d: ChunkDecay) -> np.ndarray:
     Wm = W * d.mask                                                # [..., C, C]
     out = d.ek_inv * (Wm.swapaxes(-1, -2) @ (x * d.eq))            # [..., C, D], fast chunks
     for sel, E in _exact_blocks(d):
-        out[sel] = np.einsum("mts,mtd,mtsd->msd", Wm[sel], x[sel], E)
+        if E.shape[-1] == 1:  # a gate shared by all channels
+            out[sel] = (Wm[sel] * E[..., 0]).swapaxes(-1, -2) @ x[sel]
+        else:
+            out[sel] = np.einsum("mts,mtd,mtsd->msd", Wm[sel], x[sel], E)
     return out
