@@ -3,6 +3,8 @@
     linrec selectivbench describe --preset NAME [--amb N] [--seed S] [--n-train N] [--n-test N] [--no-baselines]
     linrec selectivbench generate --preset NAME --n N --out DIR [--seed S] [--split train|test]
                                   [--amb N] [--epoch E] [--shard-size K] [--overlap-compat]
+    linrec selectivbench plot --preset NAME --out FILE.png [--amb N] [--seed S] [--idx I]
+                              [--split train|test]      (needs matplotlib)
 """
 from __future__ import annotations
 
@@ -91,9 +93,32 @@ def _generate(args) -> int:
     return 0
 
 
+def cmd_plot(args) -> int:
+    return _guarded(_plot, args)
+
+
+def _plot(args) -> int:
+    try:
+        from . import plot
+        plt = plot._pyplot()
+    except ImportError as err:
+        print(f"linrec selectivbench: {err}", file=sys.stderr)
+        return 2
+    config = _config(args)
+    grammar = config.grammar(args.seed)
+    index = presets.sample_indices(config, args.split, args.idx + 1)[-1]
+    sample = presets.make_sample(config, args.seed, index, split=args.split, grammar=grammar)
+    fig = plt.figure(figsize=(11, 9))
+    plot.plot_grammar(grammar, fig.add_subplot(2, 1, 1))
+    plot.plot_sample(sample, grammar, fig.add_subplot(2, 1, 2))
+    fig.suptitle(f"SelectivBench {config.name}, seed {args.seed}, {args.split} sample {args.idx}")
+    print(plot.save(fig, args.out))
+    return 0
+
+
 def register(subparsers) -> None:
     """Adds ``selectivbench describe`` and ``selectivbench generate`` to the ``linrec`` command."""
-    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate")
+    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot")
     sub = p.add_subparsers(dest="selectivbench_command", required=True)
 
     def common(q):
@@ -117,3 +142,10 @@ def register(subparsers) -> None:
     g.add_argument("--shard-size", type=int, default=1000)
     g.add_argument("--overlap-compat", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    pl = sub.add_parser("plot", help="picture of the grammar and of one sample (needs matplotlib)")
+    common(pl)
+    pl.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
+    pl.add_argument("--idx", type=int, default=0, help="which item of the split")
+    pl.add_argument("--split", choices=presets.SPLITS, default="train")
+    pl.set_defaults(func=cmd_plot)
