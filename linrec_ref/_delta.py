@@ -86,7 +86,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
-from ._scan import from_chunks, reverse_sweep, segsum, to_chunks
+from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, segsum, to_chunks
 from ._validation import InputError
 
 L2NORM_EPS = 1e-6
@@ -385,12 +385,7 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     # 2. state cotangents at every chunk end
     ddelta_local = scale * QKD.swapaxes(-1, -2) @ doc               # [B, H, N, C, V]
     local = scale * gq.swapaxes(-1, -2) @ doc - p["w"].swapaxes(-1, -2) @ ddelta_local  # [B, H, N, K, V]
-    dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
-    dS = dht
-    for n in reversed(range(S_in.shape[2])):
-        dS_end[:, :, n] = dS
-        dS = p["P"][:, :, n].swapaxes(-1, -2) @ dS + local[:, :, n]
-    dh0 = dS
+    dS_end, dh0 = reverse_chunk_carry(p["P"], local, dht)           # [B, H, N, K, V], [B, H, K, V]
     # 3. through the solve
     ddelta = ddelta_local + p["k_end"] @ dS_end                     # [B, H, N, C, V]
     dR = p["A_inv"].swapaxes(-1, -2) @ ddelta                       # [B, H, N, C, V]

@@ -93,7 +93,7 @@ import numpy as np
 from . import _regimes
 from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
 from ._delta import solve_unit_lower
-from ._scan import from_chunks, reverse_sweep, to_chunks
+from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, to_chunks
 
 
 # ----------------------------------------------------------------------------- test inputs
@@ -319,12 +319,7 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
     dX_local = scale * (p["Wqb"].swapaxes(-1, -2) @ doc)            # [B, H, N, C, V]
     q_read = qc * di.eq                                             # [B, H, N, C, K]
     local = scale * (q_read.swapaxes(-1, -2) @ doc) + p["W"].swapaxes(-1, -2) @ dX_local  # [.., K, V]
-    dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
-    dS = dht
-    for n in reversed(range(S_in.shape[2])):
-        dS_end[:, :, n] = dS
-        dS = p["P"][:, :, n].swapaxes(-1, -2) @ dS + local[:, :, n]
-    dh0 = dS
+    dS_end, dh0 = reverse_chunk_carry(p["P"], local, dht)           # [B, H, N, K, V], [B, H, K, V]
     # 3. through the solve
     dX = dX_local + p["b_end"] @ dS_end                             # [B, H, N, C, V]
     dR = p["A_inv"].swapaxes(-1, -2) @ dX                           # [B, H, N, C, V]

@@ -77,6 +77,23 @@ def reverse_cumsum(x: np.ndarray, axis: int) -> np.ndarray:
     return np.flip(np.cumsum(np.flip(x, axis), axis), axis)
 
 
+def reverse_chunk_carry(P: np.ndarray, local: np.ndarray, dht: np.ndarray):
+    """Carry a state cotangent backwards across chunks whose transition is a matrix.
+
+    Chunk n maps its entering state to S_end[n] = P_n S_in[n] + (writes); its reads add
+    local[n] to the cotangent of S_in[n]. With dS_end[N-1] = dht:
+        dS_end[n-1] = P_n^T dS_end[n] + local[n]
+    P: [B, H, N, K, K]; local, dht: [B, H, N, K, V] and [B, H, K, V].
+    Returns (dS_end [B, H, N, K, V], the cotangent of the initial state [B, H, K, V]).
+    """
+    dS_end = np.empty(local.shape, dtype=np.result_type(local, dht))
+    dS = dht
+    for n in reversed(range(local.shape[2])):
+        dS_end[:, :, n] = dS
+        dS = P[:, :, n].swapaxes(-1, -2) @ dS + local[:, :, n]
+    return dS_end, dS
+
+
 def reverse_sweep(advance: Callable, h0, T: int, visit: Callable, block: int = 64):
     """Walk a recurrence backwards in time without storing all T states.
 
