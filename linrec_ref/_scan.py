@@ -7,7 +7,7 @@ never -inf - (-inf) = NaN.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, Iterator, List, Tuple
 
 import numpy as np
 
@@ -119,3 +119,32 @@ def reverse_sweep(advance: Callable, h0, T: int, visit: Callable, block: int = 6
         for t in reversed(range(t0, t1)):
             visit(t, states[t - t0], states[t - t0 + 1])
     return final
+
+
+def reverse_steps(advance: Callable, h0, T: int, block: int = 64) -> Iterator[Tuple[int, object, object]]:
+    """Walk a recurrence backwards in time without storing all T states.
+
+    advance(S_prev, t) -> S_t is one step of the forward recurrence. Yields (t, S_{t-1}, S_t)
+    for t = T-1, ..., 0, the order a backward pass needs, so a vjp reads as its adjoint loop:
+
+        for t, S_prev, S_t in reverse_steps(advance, S_0, T):
+            dS = dS + ...                     # the adjoint recurrence, one step back
+
+    Memory: the state at the start of every block of ``block`` steps is kept (ceil(T/block)
+    states) and a block's states are recomputed when the walk reaches it (block + 1 states),
+    so memory is O((T/block + block) * |S|), never O(T * |S|). The checkpoints are taken by a
+    forward pass that runs before the first yield.
+    """
+    checkpoints: List = []
+    S = h0
+    for t0 in range(0, T, block):
+        checkpoints.append(S)
+        for t in range(t0, min(t0 + block, T)):
+            S = advance(S, t)
+    for b in reversed(range(len(checkpoints))):
+        t0, t1 = b * block, min((b + 1) * block, T)
+        states = [checkpoints[b]]
+        for t in range(t0, t1):
+            states.append(advance(states[-1], t))
+        for t in reversed(range(t0, t1)):
+            yield t, states[t - t0], states[t - t0 + 1]
