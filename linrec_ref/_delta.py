@@ -86,7 +86,7 @@ from __future__ import annotations
 import numpy as np
 
 from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
-from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, segsum, to_chunks
+from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, segsum, sigmoid, split_diagonal, to_chunks
 from ._validation import InputError
 
 L2NORM_EPS = 1e-6
@@ -104,12 +104,6 @@ def l2norm_vjp(x, dy):
     n = np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
     y = x / n
     return (dy - y * np.sum(y * dy, axis=-1, keepdims=True)) / n
-
-
-def sigmoid(x):
-    """Logistic function, written so that no exp overflows."""
-    e = np.exp(-np.abs(x))
-    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
 def check_options(op, use_qk_l2norm_in_kernel, beta_activation):
@@ -353,15 +347,6 @@ def attention_matrix(q, k, beta, g, scale, fast_bound=None):
     return scale * (QKD @ parts["T_mat"])[:, :, 0]                  # [B, H, T, T]
 
 
-def _split_diagonal(W):
-    """(W without its diagonal, the diagonal as [..., C, 1])."""
-    diag = np.diagonal(W, axis1=-2, axis2=-1)[..., None].copy()     # [..., C, 1]
-    off = W.copy()
-    idx = np.arange(W.shape[-1])
-    off[..., idx, idx] = 0
-    return off, diag
-
-
 def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, fast_bound=None):
     """Backward of the chunkwise form, through the triangular solve (module docstring).
 
@@ -394,7 +379,7 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     dY = bc[..., None] * dR                                         # [B, H, N, C, V]
     dgk = -dY @ S_in.swapaxes(-1, -2)                               # [B, H, N, C, K]  d(Gamma * K)
     dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]  strictly lower
-    dQKD, dQKD_diag = _split_diagonal(scale * (doc @ delta.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
+    dQKD, dQKD_diag = split_diagonal(scale * (doc @ delta.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
     # 4. q, k, v, beta; each term of dk kept apart for the gate identity
     dq_read = scale * d.eq * (doc @ S_in.swapaxes(-1, -2))          # [B, H, N, C, K]
     dq_scores = decayed_mix(dQKD, kc, d)                            # [B, H, N, C, K]

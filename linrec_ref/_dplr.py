@@ -93,7 +93,7 @@ import numpy as np
 from . import _regimes
 from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
 from ._delta import solve_unit_lower
-from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, to_chunks
+from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, split_diagonal, to_chunks
 
 
 # ----------------------------------------------------------------------------- test inputs
@@ -290,15 +290,6 @@ def attention_matrix(q, k, a, b, w, *, scale):
 
 
 # ----------------------------------------------------------------------------- backward
-def _split_diagonal(dW):
-    """(dW without its s = t entries, those entries as [..., C, 1])."""
-    idx = np.arange(dW.shape[-1])
-    diag = dW[..., idx, idx][..., None].copy()                      # [..., C, 1]
-    off = dW.copy()
-    off[..., idx, idx] = 0
-    return off, diag
-
-
 def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, fast_bound=None):
     """Backward of ``chunked_forward`` through the solve (module docstring). Per-chunk states only.
 
@@ -325,8 +316,8 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
     dR = p["A_inv"].swapaxes(-1, -2) @ dX                           # [B, H, N, C, V]
     dWab = dR @ X.swapaxes(-1, -2)                                  # [B, H, N, C, C] (masked in mix)
     dWak = dR @ vc.swapaxes(-1, -2)                                 # [B, H, N, C, C]
-    dWqk, dqk_diag = _split_diagonal(scale * (doc @ vc.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
-    dWqb, dqb_diag = _split_diagonal(scale * (doc @ X.swapaxes(-1, -2)))
+    dWqk, dqk_diag = split_diagonal(scale * (doc @ vc.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
+    dWqb, dqb_diag = split_diagonal(scale * (doc @ X.swapaxes(-1, -2)))
     # 4. q, k, v, a, b (without the s = t terms of the inclusive scores)
     dq = (decayed_mix(dWqk, kc, di) + decayed_mix(dWqb, bc, di)
           + scale * di.eq * (doc @ S_in.swapaxes(-1, -2)))          # [B, H, N, C, K]

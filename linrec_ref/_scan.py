@@ -1,4 +1,5 @@
-"""Helpers shared by the forms: stable segment sums, chunking, and a checkpointed reverse sweep.
+"""Helpers shared by the forms: stable segment sums, chunking, a checkpointed reverse walk, and
+two small pieces of math used by several ops (``sigmoid``, ``split_diagonal``).
 
 Numerical rule (numerics.md, hazard 1 and 2): a decay between positions s <= t is only ever
 computed as exp(sum of the log gates in (s, t]), which is <= 0 in the exponent. ``segsum`` builds
@@ -75,6 +76,28 @@ def from_chunks(x: np.ndarray, T: int) -> np.ndarray:
 def reverse_cumsum(x: np.ndarray, axis: int) -> np.ndarray:
     """out[i] = sum_{j >= i} x[j] along axis."""
     return np.flip(np.cumsum(np.flip(x, axis), axis), axis)
+
+
+def split_diagonal(W: np.ndarray):
+    """(W with its s = t entries set to 0, those entries as [..., C, 1]). W: [..., C, C].
+
+    For the backward of an inclusive (s <= t) chunk score W = x y^T: the s = t terms of dx_t and
+    dy_t (W[t, t] y_t and W[t, t] x_t, no decay) cancel exactly in the gate identity
+    x_t dx_t - y_t dy_t, but they are its largest terms in fast-forgetting chunks. Leaving them
+    out of the identity (and adding them to dx, dy afterwards) keeps their rounding out of the
+    gate gradient, which matters in float32.
+    """
+    diag = np.diagonal(W, axis1=-2, axis2=-1)[..., None].copy()    # [..., C, 1]
+    off = W.copy()                                                 # [..., C, C]
+    idx = np.arange(W.shape[-1])
+    off[..., idx, idx] = 0
+    return off, diag
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function 1 / (1 + exp(-x)) in x's dtype, written so that no exp overflows."""
+    e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
 
 
 def reverse_chunk_carry(P: np.ndarray, local: np.ndarray, dht: np.ndarray):

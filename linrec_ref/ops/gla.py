@@ -61,7 +61,7 @@ import numpy as np
 from .. import _regimes
 from .._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import chunk_view, from_chunks, reverse_sweep, segsum, to_chunks
+from .._scan import chunk_view, from_chunks, reverse_sweep, segsum, split_diagonal, to_chunks
 from .._spec import Arg, OpSpec
 
 
@@ -242,7 +242,7 @@ def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
     v_to_end = 1.0 if gv is None else Dv[..., -1, :].swapaxes(-1, -2)   # [B, H, T, V]
     k_to_end = Dk[..., -1, :].swapaxes(-1, -2)                      # [B, H, T, K]
     do_read = scale * doh * av0                                     # [B, H, T, V]
-    dA, dA_diag = _split_diagonal(dA, strict=False)                 # s = t terms kept apart
+    dA, dA_diag = split_diagonal(dA)                                # s = t terms kept apart
     dq = (np.einsum("bhts,bhsk,bhkts->bhtk", dA, kh, Dk)
           + ak0 * (do_read @ initial_state.swapaxes(-1, -2)))       # [B, H, T, K]
     dk = (np.einsum("bhts,bhtk,bhkts->bhsk", dA, qh, Dk)
@@ -370,7 +370,10 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
     else:
         dA = scale * decayed_scores(doc, vc, dval)                  # [B, H, N, C, C]
         dv = scale * decayed_mix_t(A, doc, dval) + dval.to_end * (k_end @ dS_end)
-    dA, dA_diag = _split_diagonal(dA, strict)                       # [.., C, C], [.., C, 1]
+    if strict:                                                      # s < t: no diagonal
+        dA_diag = np.zeros(dA.shape[:-1] + (1,), dtype=dA.dtype)    # [.., C, 1]
+    else:                                                           # s = t terms kept apart
+        dA, dA_diag = split_diagonal(dA)                            # [.., C, C], [.., C, 1]
     dq = decayed_mix(dA, kc, dkey) + scale * dkey.eq * (do_read @ S_in.swapaxes(-1, -2))
     dk = decayed_mix_t(dA, qc, dkey) + dkey.to_end * (v_end @ dS_end.swapaxes(-1, -2))
     # 4. gate identity per chunk (without the s = t terms); S_end[n] = S_in[n+1]
@@ -384,22 +387,6 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
         o = _chunk_output(qc, vc, dkey, dval, A, S_in, scale)       # [B, H, N, C, V]
         grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), dval), T)
     return grads
-
-
-def _split_diagonal(dA, strict):
-    """(dA without its s = t entries, those entries as [..., C, 1]).
-
-    The s = t terms of dq_t and dk_t (dA[t, t] k_t and dA[t, t] q_t, no decay) cancel exactly in
-    the gate identity q_t dq_t - k_t dk_t, but they are its largest terms in fast-forgetting
-    chunks; leaving them out of the identity (and adding them to dq, dk afterwards) keeps their
-    rounding out of dg, which matters in float32. A strict (s < t) mask has no diagonal."""
-    if strict:
-        return dA, np.zeros(dA.shape[:-1] + (1,), dtype=dA.dtype)
-    diag = np.diagonal(dA, axis1=-2, axis2=-1)[..., None].copy()    # [..., C, 1]
-    off = dA.copy()
-    idx = np.arange(dA.shape[-1])
-    off[..., idx, idx] = 0
-    return off, diag
 
 
 def _gate_grad(read, write, end, d):
