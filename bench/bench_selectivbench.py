@@ -6,7 +6,7 @@ Reports, at A = n_amb = Dp = amb (L = 200 tokens):
   * grammar construction (make_grammar, timed once, separately: it is cached per seed);
   * the time per 200-token sample, median over n samples after a warm-up of 20, for the training
     regimes of tasks 1b (1 blank), 2 (1..10 blanks + noise) and 3 (distractors), split into the
-    sequence (spec 3) and the expansion (spec 4). Target: <= 5 ms per sample.
+    sequence (selectivbench.md section 3) and the expansion (section 4). Target: <= 5 ms per sample.
 """
 from __future__ import annotations
 

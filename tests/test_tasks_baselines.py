@@ -10,7 +10,7 @@ from linrec_ref.tasks import baselines
 class TinyGrammar:
     """A hand-built grammar with the fields baselines reads (same meaning as grammar.Grammar).
 
-    Letters A (class 1, ambiguous: copies A0, A1) and B (class 2); states in spec order
+    Letters A (class 1, ambiguous: copies A0, A1) and B (class 2); states in grammar order
     [B, A0, A1, #]; labels: A0 = 1, A1 = 2, B = 3, # = 0. Edges (one successor per letter):
       B  -> A0 (p .3), #  (p .7)
       A0 -> B (.5), A1 (.25), # (.25)

@@ -1,4 +1,5 @@
-"""SelectivBench time expansion and presets (spec sections 4, 6-7): statistics and exact structure."""
+"""SelectivBench time expansion and presets (selectivbench.md sections 4, 6-7):
+statistics and exact structure."""
 import math
 
 import numpy as np

@@ -1,7 +1,7 @@
-"""SelectivBench grammar and sequences (spec sections 2-3) against a literal, slow reference.
+"""SelectivBench grammar and sequences (selectivbench.md sections 2-3) against a literal, slow reference.
 
-The reference below follows the spec text step by step with Python lists and the numpy calls the
-spec names (G.permutation(len(cand))[0], G.random(), G.choice(array(states), 4, replace=False),
+The reference below follows selectivbench.md step by step with Python lists and the numpy calls it
+names (G.permutation(len(cand))[0], G.random(), G.choice(array(states), 4, replace=False),
 R.integers(4), R.random(), bisect_right(cumsum(probs), u)); the fast implementation (precomputed
 successor arrays, skipped no-op permutations) must reproduce it exactly.
 """
@@ -16,7 +16,7 @@ from linrec_ref.tasks import sequences as sq
 
 
 # ----------------------------------------------------------------------------------------------
-# literal reference of spec 2-3
+# literal reference of selectivbench.md sections 2-3
 # ----------------------------------------------------------------------------------------------
 
 def ref_grammar(A, n_amb, Dp, seed, tau=None, n_start=4, max_tries=100000):
@@ -150,7 +150,7 @@ def test_first_samples_match_literal_reference(A, n_amb, Dp, seed, tau):
 
 
 def test_pinned_tiny_grammar():
-    """A=5, n_amb=2, Dp=3, seed=1: values printed by the literal reference above (spec 2)."""
+    """A=5, n_amb=2, Dp=3, seed=1: values printed by the literal reference above (section 2)."""
     g = gm.make_grammar(5, 2, 3, 1)
     assert g.ambiguous == PINNED_AMBIGUOUS
     assert g.states == PINNED_STATES
@@ -251,7 +251,7 @@ PINNED_LABELS_IDX1 = [2, 5, 0, 5, 0, 8, 6, 3, 9, 4, 6, 3]
 
 def test_block_walk_leaves_generator_as_scalar_walk():
     """walk_string draws its doubles as a block and rewinds: the generator must end exactly where
-    the scalar loop of spec 3 leaves it, including the buffered 32-bit half of integers()."""
+    the scalar loop of section 3 leaves it, including the buffered 32-bit half of integers()."""
     g = gm.make_grammar(6, 3, 3, 2)
     cum = [np.cumsum(p) for p in g.succ_prob]
     fast, slow = np.random.default_rng(77), np.random.default_rng(77)

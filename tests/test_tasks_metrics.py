@@ -140,7 +140,7 @@ def test_cross_entropy_is_mean_nll_over_real_steps_and_stable():
 
 
 def pooled_accuracy_slow(logits, batch):
-    """Literal spec 5: per sample, per element, sum softmax over its steps, argmax vs label."""
+    """selectivbench.md section 5, literally: per sample, per element, sum softmax over its steps, argmax vs label."""
     right = total = 0
     for b in range(logits.shape[0]):
         for n in np.unique(batch.element[b][batch.mask[b]]):

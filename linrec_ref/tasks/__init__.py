@@ -1,4 +1,4 @@
-"""SelectivBench: the synthetic selectivity tasks (../shared/spec/selectivbench.md).
+"""SelectivBench: the synthetic selectivity tasks (docs/selectivbench.md).
 
 Modules: ``grammar`` (the seeded automaton), ``sequences`` (strings and samples), ``expand``
 (time expansion: blanks, distractors, noise, labels), ``presets`` (the paper's and the CPU

@@ -20,7 +20,7 @@ n-gram lookup (``NGramModel``, n = 1..4)
 
 Bayes-optimal causal filter (``bayes_filter``)
     The posterior over the automaton state given the letters so far, under the generator of
-    spec sections 2-3: a sequence is a concatenation of strings, each starting at one of the K
+    selectivbench.md sections 2-3: a sequence is a concatenation of strings, each starting at one of the K
     start states (uniform) and walking by the grammar's successor probabilities to "#", kept
     only when L_min <= len <= L_max, truncated to L. Strings are independent, so the filter
     restarts after every "#". Inside a string, a state and the next letter fix the next state,

@@ -12,7 +12,7 @@ A sample (``expand.Sample``) is one time-expanded sequence of T' steps:
 
 ``collate`` stacks B samples into a :class:`Batch` padded on the right to T = max T'. Every
 step of a sample is a real step (token, blank or distractor step); ``mask`` marks them, and it
-is the loss-side mask of spec section 5 (mean cross-entropy over all real steps). Padding gets
+is the loss-side mask of selectivbench.md section 5 (mean cross-entropy over all real steps). Padding gets
 x = 0, y = -1, element = -1, is_token = after_distractor = False.
 """
 from __future__ import annotations

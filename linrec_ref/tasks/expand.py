@@ -1,4 +1,4 @@
-"""Time expansion of a sample (spec section 4): blank gaps, distractor letters, noise, labels.
+"""Time expansion of a sample (selectivbench.md section 4): blank gaps, distractor letters, noise, labels.
 
 A sample of n elements (letters c_n with hidden labels s_n) becomes T' = sum_n (1 + k_n) steps:
 element n emits its token step (one-hot of c_n), then k_n inserted steps:
@@ -14,7 +14,7 @@ element n emits its token step (one-hot of c_n), then k_n inserted steps:
                       one-hot entry 1 + e is rounded to float32 once)
     labels:           every step of element n (token and inserted) carries s_n
 
-The spec leaves the generator calls of section 4 open; this module fixes them. With ``rng`` the
+The definition leaves the random calls of the expansion open; this module fixes them. With ``rng`` the
 sample's Generator (``expansion_rng(seed, idx, epoch)``: a SeedSequence of (tag, seed, idx,
 epoch), so every (seed, index, epoch) gets its own stream and the global RNG is never touched),
 the calls are, in this order and only when needed:
@@ -33,7 +33,7 @@ Fields of the result (a :class:`Sample`):
 |---|---|---|
 | x | [T', C] float32 | the inputs (C = A + 1 input classes) |
 | y | [T'] int64 | hidden-state id of the element each step belongs to |
-| element | [T'] int64 | index n of that element (the pooling mask of spec 5) |
+| element | [T'] int64 | index n of that element (the pooling mask of selectivbench.md section 5) |
 | is_token | [T'] bool | the step is a token step |
 | after_distractor | [T'] bool | the first non-distractor step after a run of distractor steps (always the next element's token step) |
 | step_class | [T'] int64 | input class of the step's one-hot, -1 for a blank step |
@@ -121,7 +121,7 @@ def _number(name, value, low=0.0, high=None, integer=False):
 
 
 def check_regime(mode, gap_start, gap_prob, gap_min, gap_max, gap_fixed, noise) -> None:
-    """ValueError naming the parameter for a bad insertion regime (spec 8: negative gap or noise)."""
+    """ValueError naming the parameter for a bad insertion regime (e.g. a negative gap or noise)."""
     if mode not in MODES:
         raise ValueError(f"expand: mode must be one of {MODES}, got {mode!r}")
     _number("gap_start", gap_start, integer=True)

@@ -1,10 +1,10 @@
-"""The SelectivBench grammar: a seeded random automaton with ambiguous letters (spec section 2).
+"""The SelectivBench grammar: a seeded random automaton with ambiguous letters (selectivbench.md section 2).
 
 A grammar over A letters ("A".."Z", "a".."z", in that order) plus the end marker ``#``. ``n_amb``
 of the letters are *ambiguous*: each has ``depth`` (Dp) hidden copies "X0".."X{Dp-1}", distinct
 states that emit the same letter. The model sees letters and must name the hidden state.
 
-Construction (exactly the released generator's random-number call order, spec 2):
+Construction (exactly the released generator's random-number call order, selectivbench.md section 2):
 
     G = numpy.random.default_rng(seed)
     py = random.Random(int(G.integers(0, 100)))            # a private Python RNG, never the global one
@@ -63,7 +63,7 @@ class Grammar:
     |---|---|---|
     | letters | list[str], A + 1 | the alphabet in class order, "#" last |
     | ambiguous | list[str], n_amb | the ambiguous letters, in the sampled order |
-    | states | list[str], n_states | state names ("A", "B0", ..., "#"), spec 2.3b order |
+    | states | list[str], n_states | state names ("A", "B0", ..., "#"), order of selectivbench.md section 2 |
     | state_letter | int [n_states] | input class id of each state's letter |
     | state_label | int [n_states] | hidden-state class id (the training label) |
     | label_state | int [S] | inverse of state_label (label -> state index) |
@@ -137,7 +137,7 @@ class Grammar:
 
 
 def validate_grammar_params(n_letters, n_amb, depth, tau, n_start, max_tries) -> None:
-    """ValueError naming the parameter, the expected range and the value given (spec 8)."""
+    """ValueError naming the parameter, the expected range and the value given."""
     def _int(name, value, low):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"make_grammar: {name} must be an integer >= {low}, got {value!r}")
@@ -218,7 +218,7 @@ def _labels(letters: List[str], states: List[str], ambiguous: List[str], depth: 
 
 def make_grammar(n_letters: int, n_amb: int, depth: int, seed: int, tau: Optional[float] = None,
                  n_start: int = 4, max_tries: int = 100000) -> Grammar:
-    """Builds the grammar of spec section 2 for ``seed`` (identical to the released generator).
+    """Builds the grammar of selectivbench.md section 2 for ``seed`` (identical to the released generator).
 
     n_letters: A (the vocabulary is A + 1 with '#'); n_amb: ambiguous letters; depth: Dp copies per
     ambiguous letter; tau: edge density (default 0.4 / depth); n_start: start states; max_tries:

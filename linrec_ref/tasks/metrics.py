@@ -1,4 +1,4 @@
-"""Loss and accuracies of SelectivBench (spec section 5).
+"""Loss and accuracies of SelectivBench (selectivbench.md section 5).
 
 Notation: logits z [B, T, S] (S = number of hidden-state classes), targets y [B, T], real-step
 mask m [B, T] (``batching.Batch.mask``), softmax p_{b,t} = softmax(z_{b,t}).
@@ -71,7 +71,7 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def cross_entropy(logits: np.ndarray, y: np.ndarray, mask: np.ndarray) -> float:
-    """Mean cross-entropy over real steps (the training loss of spec section 5).
+    """Mean cross-entropy over real steps (the training loss of selectivbench.md section 5).
 
     logits [B, T, S] float; y [B, T] int (ignored where mask is False, e.g. -1 on padding);
     mask [B, T] bool. Returns (1 / sum m) * sum_{m_{b,t}} -log softmax(z_{b,t})[y_{b,t}], a float.

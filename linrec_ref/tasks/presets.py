@@ -1,4 +1,4 @@
-"""The SelectivBench tasks by name (spec sections 6-7), every parameter overridable.
+"""The SelectivBench tasks by name (selectivbench.md sections 6-7), every parameter overridable.
 
 | preset | grammar (A = n_amb = Dp) | L | train insertion | test insertion | noise |
 |---|---|---|---|---|---|
@@ -12,7 +12,7 @@
 | t3-small | amb = 12 | 64 | from token 16, p = 0.1, 1 distractor | same | 0 |
 | t4-small | amb = 12 | 64 | as t2-small | 4 blanks per token (sweep 4, 8, 20, 40) | U[0, 0.2) |
 
-String lengths. The spec fixes L = L_max (200, or 64 for the CPU presets) and gives no L_min:
+String lengths. selectivbench.md section 3 fixes L = L_max (200, or 64 for the CPU presets) and gives no L_min:
 the presets use L_min = 1, i.e. no lower bound (every string has at least 2 states, a start state
 and '#'). "1 blank / 1 distractor" is the fixed gap k = 1 (``gap_fixed=1``: no length draw).
 

@@ -1,4 +1,4 @@
-"""Strings and samples of a grammar (spec section 3), identical to the released generator.
+"""Strings and samples of a grammar (selectivbench.md section 3), identical to the released generator.
 
 For sample ``idx`` of a run with ``seed``: R = numpy.random.default_rng(seed * idx), then
 
