@@ -32,20 +32,20 @@ Two paths, one result (numerics.md, hazard 1)
     the chunk has no -inf gate) and compare.
 
 API (arrays are [..., C, D] with any leading dims, e.g. [B, H, N]; W is [..., C, C])
-    d = chunk_decay(g, strict=False, fast_bound=None)   # once per gate, returns a ChunkDecay
-    decayed_scores(x, y, d)    -> [..., C, C]   W[t, s] above (0 off the mask)
-    decayed_mix(W, y, d)       -> [..., C, D]   out_t = sum_s W[t, s] y_s exp(Gq_t - G_s)
-    decayed_mix_t(W, x, d)     -> [..., C, D]   out_s = sum_t W[t, s] x_t exp(Gq_t - G_s)
-    exact_decay(g, strict)     -> [M, C, C, D]  the exact decay tensor of M chunks (the slow path)
-    cumsum_in_chunks(x)                         along the chunk axis -2
+    decay = chunk_decay(g, strict=False, fast_bound=None)           # once per gate: a ChunkDecay
+    decayed_scores(x, y, decay)  -> [..., C, C]   W[t, s] above (0 off the mask)
+    decayed_mix(W, y, decay)     -> [..., C, D]   out_t = sum_s W[t, s] y_s exp(Gq_t - G_s)
+    decayed_mix_t(W, x, decay)   -> [..., C, D]   out_s = sum_t W[t, s] x_t exp(Gq_t - G_s)
+    exact_decay(g, strict)       -> [M, C, C, D]  the exact decay tensor of M chunks (slow path)
+    cumsum_in_chunks(x)                           along the chunk axis -2
     reverse_cumsum_in_chunks(x, exclusive=False, reset=None)   the gate identity's dg, restarting
-                                                at hard resets (reset = isneginf(g))
-    d.eq      exp(Gq_t) <= 1            (read of the state entering the chunk)
-    d.to_end  exp(G_last - G_s) <= 1    (contribution of token s to the chunk's end state)
-    d.total   exp(G_last) <= 1          (decay of the entering state over the whole chunk)
+                                                  at hard resets (reset = isneginf(g))
+    decay.exp_Gq  exp(Gq_t) <= 1            (read of the state entering the chunk)
+    decay.to_end  exp(G_last - G_s) <= 1    (contribution of token s to the chunk's end state)
+    decay.total   exp(G_last) <= 1          (decay of the entering state over the whole chunk)
     W is only read on the mask (entries off it are ignored). For the backward of a chunk
     o = (x y^T . decay) z: dW = decayed_scores(do, z, ...) or do z^T, then
-    dx = decayed_mix(dW, y, d) and dy = decayed_mix_t(dW, x, d).
+    dx = decayed_mix(dW, y, decay) and dy = decayed_mix_t(dW, x, decay).
 """
 from __future__ import annotations
 
@@ -65,8 +65,8 @@ class ChunkDecay(NamedTuple):
     g:       the log gates of each chunk (-inf allowed).
     strict:  read before the update (query decay at t-1, mask s < t) instead of after (s <= t).
     fast:    [...] bool, the chunk's range max_d(-G_last[d]) < fast_bound (factored path).
-    eq:      exp(Gq_t) <= 1, the query-side decay from the chunk start.
-    ek_inv:  exp(-G_s) in fast chunks (<= exp(fast_bound)), 0 in the others (never used there).
+    exp_Gq:  exp(Gq_t) <= 1, the query-side decay from the chunk start.
+    exp_neg_G: exp(-G_s) in fast chunks (<= exp(fast_bound)), 0 in the others (never read there).
     to_end:  exp(G_last - G_s) <= 1, from token s to the chunk's end (fast chunks: computed as
              exp(G_last) * exp(-G_s); other chunks: exp of the segment sum).
     total:   [..., D] exp(G_last) <= 1, the decay over the whole chunk.
@@ -75,8 +75,8 @@ class ChunkDecay(NamedTuple):
     g: np.ndarray
     strict: bool
     fast: np.ndarray
-    eq: np.ndarray
-    ek_inv: np.ndarray
+    exp_Gq: np.ndarray
+    exp_neg_G: np.ndarray
     to_end: np.ndarray
     total: np.ndarray
 
@@ -138,25 +138,25 @@ def chunk_decay(g: np.ndarray, strict: bool = False, fast_bound: Optional[float]
     fast = np.max(-G[..., -1, :], axis=-1) < bound                 # [...]; -inf -> not fast
     exp_G = np.exp(G, out=G)                                       # [..., C, D], <= 1 (reuses G)
     if strict:                                                     # Gq_t = G_{t-1}, Gq_0 = 0
-        eq = np.concatenate([np.ones_like(exp_G[..., :1, :]), exp_G[..., :-1, :]], axis=-2)
+        exp_Gq = np.concatenate([np.ones_like(exp_G[..., :1, :]), exp_G[..., :-1, :]], axis=-2)
     else:
-        eq = exp_G
+        exp_Gq = exp_G
     # exp(-G) only where it is bounded by exp(bound); 1 / exp(G) costs less than another exp
     if fast.all():
-        ek_inv = 1.0 / exp_G                                       # [..., C, D]
+        exp_neg_G = 1.0 / exp_G                                     # [..., C, D]
     else:
-        ek_inv = np.zeros_like(exp_G)                              # [..., C, D]
-        np.divide(1.0, exp_G, out=ek_inv, where=fast[..., None, None])
+        exp_neg_G = np.zeros_like(exp_G)                            # [..., C, D]
+        np.divide(1.0, exp_G, out=exp_neg_G, where=fast[..., None, None])
     total = exp_G[..., -1, :]                                      # [..., D]
     # exp(G_last - G_s) <= 1: in fast chunks the product of the two bounded factors (the same
     # factoring as the scores); elsewhere exp of the segment sums g_{s+1} + ... + g_last (a
     # reverse cumulative sum: no -inf - (-inf), no positive exponent)
-    to_end = total[..., None, :] * ek_inv                          # [..., C, D]
+    to_end = total[..., None, :] * exp_neg_G                        # [..., C, D]
     if not fast.all():
         slow = ~fast
         to_end[slow] = np.exp(reverse_cumsum_in_chunks(g[slow], exclusive=True))
-    return ChunkDecay(g=g, strict=strict, fast=fast, eq=eq, ek_inv=ek_inv, to_end=to_end,
-                      total=total)
+    return ChunkDecay(g=g, strict=strict, fast=fast, exp_Gq=exp_Gq, exp_neg_G=exp_neg_G,
+                      to_end=to_end, total=total)
 
 
 # ----------------------------------------------------------------------------- exact path
@@ -177,30 +177,30 @@ def exact_decay(g: np.ndarray, strict: bool) -> np.ndarray:
     return np.where(mask, np.exp(seg), 0)                          # [M, C, C, D]
 
 
-def _exact_blocks(d: ChunkDecay) -> Iterator[Tuple[tuple, np.ndarray]]:
+def _exact_blocks(decay: ChunkDecay) -> Iterator[Tuple[tuple, np.ndarray]]:
     """Yield (index, E) for the chunks that are not fast, in blocks of <= EXACT_BLOCK elements.
 
-    index is a tuple of integer arrays over the leading dims; E = exact_decay(d.g[index]).
+    index is a tuple of integer arrays over the leading dims; E = exact_decay(decay.g[index]).
     """
-    if d.fast.all():
+    if decay.fast.all():
         return
-    idx = np.nonzero(~d.fast)                                      # tuple of [M] arrays
-    C, D = d.g.shape[-2:]
+    idx = np.nonzero(~decay.fast)                                   # tuple of [M] arrays
+    C, D = decay.g.shape[-2:]
     per_block = max(1, EXACT_BLOCK // (C * C * D))
     for lo in range(0, len(idx[0]), per_block):
         sel = tuple(i[lo:lo + per_block] for i in idx)
-        yield sel, exact_decay(d.g[sel], d.strict)
+        yield sel, exact_decay(decay.g[sel], decay.strict)
 
 
 # ----------------------------------------------------------------------------- products
-def decayed_scores(x: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
+def decayed_scores(x: np.ndarray, y: np.ndarray, decay: ChunkDecay) -> np.ndarray:
     """W[..., t, s] = sum_k x_t[k] y_s[k] exp(Gq_t[k] - G_s[k]) on the mask, 0 off it.
 
     x, y: [..., C, D]  ->  [..., C, C].
     """
-    W = (x * d.eq) @ (y * d.ek_inv).swapaxes(-1, -2)               # [..., C, C], fast chunks
-    W *= d.mask
-    for sel, E in _exact_blocks(d):
+    W = (x * decay.exp_Gq) @ (y * decay.exp_neg_G).swapaxes(-1, -2)   # [..., C, C], fast chunks
+    W *= decay.mask
+    for sel, E in _exact_blocks(decay):
         if E.shape[-1] == 1:  # a gate shared by all channels: the decay is a [C, C] mask
             W[sel] = (x[sel] @ y[sel].swapaxes(-1, -2)) * E[..., 0]
         else:
@@ -208,14 +208,14 @@ def decayed_scores(x: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
     return W
 
 
-def decayed_mix(W: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
+def decayed_mix(W: np.ndarray, y: np.ndarray, decay: ChunkDecay) -> np.ndarray:
     """out[..., t, :] = sum_s W[t, s] y_s * exp(Gq_t - G_s) over the mask (e.g. dq from dW).
 
     W: [..., C, C]; y: [..., C, D]  ->  [..., C, D].
     """
-    Wm = W * d.mask                                                # [..., C, C]
-    out = d.eq * (Wm @ (y * d.ek_inv))                             # [..., C, D], fast chunks
-    for sel, E in _exact_blocks(d):
+    Wm = W * decay.mask                                             # [..., C, C]
+    out = decay.exp_Gq * (Wm @ (y * decay.exp_neg_G))               # [..., C, D], fast chunks
+    for sel, E in _exact_blocks(decay):
         if E.shape[-1] == 1:  # a gate shared by all channels
             out[sel] = (Wm[sel] * E[..., 0]) @ y[sel]
         else:
@@ -223,14 +223,14 @@ def decayed_mix(W: np.ndarray, y: np.ndarray, d: ChunkDecay) -> np.ndarray:
     return out
 
 
-def decayed_mix_t(W: np.ndarray, x: np.ndarray, d: ChunkDecay) -> np.ndarray:
+def decayed_mix_t(W: np.ndarray, x: np.ndarray, decay: ChunkDecay) -> np.ndarray:
     """out[..., s, :] = sum_t W[t, s] x_t * exp(Gq_t - G_s) over the mask (e.g. dk from dW).
 
     W: [..., C, C]; x: [..., C, D]  ->  [..., C, D].
     """
-    Wm = W * d.mask                                                # [..., C, C]
-    out = d.ek_inv * (Wm.swapaxes(-1, -2) @ (x * d.eq))            # [..., C, D], fast chunks
-    for sel, E in _exact_blocks(d):
+    Wm = W * decay.mask                                             # [..., C, C]
+    out = decay.exp_neg_G * (Wm.swapaxes(-1, -2) @ (x * decay.exp_Gq))   # [..., C, D], fast chunks
+    for sel, E in _exact_blocks(decay):
         if E.shape[-1] == 1:  # a gate shared by all channels
             out[sel] = (Wm[sel] * E[..., 0]).swapaxes(-1, -2) @ x[sel]
         else:

@@ -260,22 +260,22 @@ def _ut_parts(k, v, beta, g, C, fast_bound=None):
     kc, vc = to_chunks(k, C), to_chunks(v, C)                       # [B, H, N, C, K|V]
     bc = to_chunks(beta, C)                                         # [B, H, N, C]
     # 1. decays relative to the chunk start, per key channel (module docstring, eq. (2'))
-    d = _chunk_decays(g, k, C, fast_bound)                          # [B, H, N, C, K]
+    decay = _chunk_decays(g, k, C, fast_bound)                      # [B, H, N, C, K]
     # 2. the UT matrix: A = I + tril(diag(beta) KKD, -1), KKD[t, s] = sum_k k_t k_s e^{G_t - G_s}
-    KKD = np.tril(decayed_scores(kc, kc, d), -1)                    # [B, H, N, C, C]
+    KKD = np.tril(decayed_scores(kc, kc, decay), -1)                # [B, H, N, C, C]
     L = bc[..., :, None] * KKD                                      # [B, H, N, C, C]
     eye = np.eye(L.shape[-1], dtype=L.dtype)                        # [C, C]
     A_inv = solve_unit_lower(L, eye)                                # [B, H, N, C, C]  the one solve
     T_mat = A_inv * bc[..., None, :]                                # [B, H, N, C, C]
     # 3. WY factors: u = T_mat V, w = T_mat (Gamma * K); chunk transition P and input U
-    gk = d.eq * kc                                                  # [B, H, N, C, K]  Gamma_t * k_t
+    gk = decay.exp_Gq * kc                                          # [B, H, N, C, K]  Gamma_t * k_t
     u = T_mat @ vc                                                  # [B, H, N, C, V]
     w = T_mat @ gk                                                  # [B, H, N, C, K]
-    k_end = kc * d.to_end                                           # [B, H, N, C, K]  e^{G_C - G_s} k_s
-    P = d.total[..., :, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
+    k_end = kc * decay.to_end                                       # [B, H, N, C, K]  e^{G_C - G_s} k_s
+    P = decay.total[..., :, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
         - k_end.swapaxes(-1, -2) @ w                                # [B, H, N, K, K]
     U = k_end.swapaxes(-1, -2) @ u                                  # [B, H, N, K, V]
-    return dict(kc=kc, vc=vc, bc=bc, d=d, KKD=KKD, A_inv=A_inv, T_mat=T_mat, gk=gk,
+    return dict(kc=kc, vc=vc, bc=bc, decay=decay, KKD=KKD, A_inv=A_inv, T_mat=T_mat, gk=gk,
                 u=u, w=w, k_end=k_end, P=P, U=U)
 
 
@@ -312,7 +312,7 @@ def chunk_intermediates(k, v, beta, g, initial_state, chunk_size, fast_bound=Non
     S_in, S_T = _carry(parts, initial_state)
     v_new = parts["u"] - parts["w"] @ S_in                          # [B, H, N, C, V]
     out = {"S_in": S_in, "T_mat": parts["T_mat"], "A_inv": parts["A_inv"], "w": parts["w"],
-           "u": parts["u"], "v_new": v_new, "gamma": parts["d"].eq, "final_state": S_T}
+           "u": parts["u"], "v_new": v_new, "gamma": parts["decay"].exp_Gq, "final_state": S_T}
     if _is_scalar_gate(g, k):
         out["gamma"] = out["gamma"][..., 0]                         # [B, H, N, C] (from [.., C, 1])
         out["D"] = np.exp(segsum(to_chunks(g, chunk_size)))         # [B, H, N, C, C]
@@ -333,9 +333,9 @@ def chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size, fast_bound=Non
     S_in, S_T = _carry(parts, initial_state)                        # 4.
     delta = parts["u"] - parts["w"] @ S_in                          # 5. [B, H, N, C, V]
     qc = to_chunks(q, C)                                            # [B, H, N, C, K]
-    d = parts["d"]
-    QKD = decayed_scores(qc, parts["kc"], d)                        # [B, H, N, C, C]
-    o = scale * ((d.eq * qc) @ S_in + QKD @ delta)                  # 6. [B, H, N, C, V]
+    decay = parts["decay"]
+    QKD = decayed_scores(qc, parts["kc"], decay)                    # [B, H, N, C, C]
+    o = scale * ((decay.exp_Gq * qc) @ S_in + QKD @ delta)          # 6. [B, H, N, C, V]
     return from_chunks(o, q.shape[1]), S_T
 
 
@@ -343,7 +343,7 @@ def attention_matrix(q, k, beta, g, scale, fast_bound=None):
     """M = scale QKD T_mat over the whole sequence: [B, H, T, T], o = M v when S_0 = 0."""
     T = max(q.shape[1], 1)
     parts = _ut_parts(k, k[..., :1] * 0, beta, g, T, fast_bound)    # v unused by T_mat
-    QKD = decayed_scores(to_chunks(q, T), parts["kc"], parts["d"])  # [B, H, 1, T, T]
+    QKD = decayed_scores(to_chunks(q, T), parts["kc"], parts["decay"])   # [B, H, 1, T, T]
     return scale * (QKD @ parts["T_mat"])[:, :, 0]                  # [B, H, T, T]
 
 
@@ -362,11 +362,11 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     C = max(1, min(chunk_size, T))
     p = _ut_parts(k, v, beta, g, C, fast_bound)                     # 1.
     S_in, S_T = _carry(p, initial_state)
-    kc, vc, bc, d = p["kc"], p["vc"], p["bc"], p["d"]
+    kc, vc, bc, decay = p["kc"], p["vc"], p["bc"], p["decay"]
     delta = p["u"] - p["w"] @ S_in                                  # [B, H, N, C, V]
     qc, doc = to_chunks(q, C), to_chunks(do, C)                     # [B, H, N, C, K|V]
-    QKD = decayed_scores(qc, kc, d)                                 # [B, H, N, C, C]
-    gq = d.eq * qc                                                  # [B, H, N, C, K]
+    QKD = decayed_scores(qc, kc, decay)                             # [B, H, N, C, C]
+    gq = decay.exp_Gq * qc                                          # [B, H, N, C, K]
     # 2. state cotangents at every chunk end
     ddelta_local = scale * QKD.swapaxes(-1, -2) @ doc               # [B, H, N, C, V]
     local = scale * gq.swapaxes(-1, -2) @ doc - p["w"].swapaxes(-1, -2) @ ddelta_local  # [B, H, N, K, V]
@@ -381,11 +381,11 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]  strictly lower
     dQKD, dQKD_diag = split_diagonal(scale * (doc @ delta.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
     # 4. q, k, v, beta; each term of dk kept apart for the gate identity
-    dq_read = scale * d.eq * (doc @ S_in.swapaxes(-1, -2))          # [B, H, N, C, K]
-    dq_scores = decayed_mix(dQKD, kc, d)                            # [B, H, N, C, K]
-    dk_rows = decayed_mix(dKKD, kc, d) + d.eq * dgk                 # query side: KKD rows, Gamma*K
-    dk_cols = (decayed_mix_t(dQKD, qc, d) + decayed_mix_t(dKKD, kc, d)
-               + d.to_end * (delta @ dS_end.swapaxes(-1, -2)))      # key side: QKD, KKD cols, K_end
+    dq_read = scale * decay.exp_Gq * (doc @ S_in.swapaxes(-1, -2))  # [B, H, N, C, K]
+    dq_scores = decayed_mix(dQKD, kc, decay)                        # [B, H, N, C, K]
+    dk_rows = decayed_mix(dKKD, kc, decay) + decay.exp_Gq * dgk     # query side: KKD rows, Gamma*K
+    dk_cols = (decayed_mix_t(dQKD, qc, decay) + decayed_mix_t(dKKD, kc, decay)
+               + decay.to_end * (delta @ dS_end.swapaxes(-1, -2)))  # key side: QKD, KKD cols, K_end
     dq = dq_scores + dq_read + dQKD_diag * kc                       # [B, H, N, C, K]
     dk = dk_rows + dk_cols + dQKD_diag * qc                         # [B, H, N, C, K]
     dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * p["KKD"], axis=-1)   # [B, H, N, C]
@@ -397,7 +397,7 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     scalar = _is_scalar_gate(g, k)
     if scalar:                                                      # one gate for all channels
         dG = np.sum(dG, axis=-1, keepdims=True)                     # [B, H, N, C, 1]
-    dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(d.g))       # [B, H, N, C, K or 1]
+    dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(decay.g))   # [B, H, N, C, K or 1]
     if scalar:
         dg = dg[..., 0]                                             # [B, H, N, C]
     return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dY, T),

@@ -200,29 +200,30 @@ def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None):
     """Steps 1-4 of the chunkwise form (module docstring, (2)-(5)); everything per chunk.
 
     Returns a dict of chunked arrays [B, H, N, C, ...] (see ``chunk_intermediates``), the two
-    ``_decay.ChunkDecay`` objects ("di": inclusive, "ds": strict) and the final state.
+    ``_decay.ChunkDecay`` objects ("decay_incl": inclusive, "decay_strict": strict) and the final
+    state.
     """
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
     ac, bc, wc = to_chunks(a, C), to_chunks(b, C), to_chunks(w, C)  # [B, H, N, C, K]
-    di = chunk_decay(wc, strict=False, fast_bound=fast_bound)       # G_t - G_s, s <= t
-    ds = chunk_decay(wc, strict=True, fast_bound=fast_bound)        # G_{t-1} - G_s, s < t
+    decay_incl = chunk_decay(wc, strict=False, fast_bound=fast_bound)   # G_t - G_s, s <= t
+    decay_strict = chunk_decay(wc, strict=True, fast_bound=fast_bound)   # G_{t-1} - G_s, s < t
     # 1. per-channel decayed scores: inclusive (the output read), strict (the low-rank read)
-    Wqk = decayed_scores(qc, kc, di)                                # [B, H, N, C, C]
-    Wqb = decayed_scores(qc, bc, di)                                # [B, H, N, C, C]
-    Wak = decayed_scores(ac, kc, ds)                                # [B, H, N, C, C] strictly lower
-    Wab = decayed_scores(ac, bc, ds)                                # [B, H, N, C, C] strictly lower
+    Wqk = decayed_scores(qc, kc, decay_incl)                        # [B, H, N, C, C]
+    Wqb = decayed_scores(qc, bc, decay_incl)                        # [B, H, N, C, C]
+    Wak = decayed_scores(ac, kc, decay_strict)                      # [B, H, N, C, C] strictly lower
+    Wab = decayed_scores(ac, bc, decay_strict)                      # [B, H, N, C, C] strictly lower
     # 2. the one triangular solve per chunk: A_inv = (I - Wab)^{-1}
     eye = np.eye(Wab.shape[-1], dtype=Wab.dtype)                    # [C, C]
     A_inv = solve_unit_lower(-Wab, eye)                             # [B, H, N, C, C]
     # 3. WY factors X = u + W S_in; chunk transition P and input U
-    a_read = ac * ds.eq                                             # [B, H, N, C, K]  a_t e^{G_{t-1}}
+    a_read = ac * decay_strict.exp_Gq                               # [B, H, N, C, K]  a_t e^{G_{t-1}}
     W = A_inv @ a_read                                              # [B, H, N, C, K]
     u = A_inv @ (Wak @ vc)                                          # [B, H, N, C, V]
-    k_end = kc * di.to_end                                          # [B, H, N, C, K]  k_s e^{G_C-G_s}
-    b_end = bc * di.to_end                                          # [B, H, N, C, K]
+    k_end = kc * decay_incl.to_end                                  # [B, H, N, C, K]  k_s e^{G_C-G_s}
+    b_end = bc * decay_incl.to_end                                  # [B, H, N, C, K]
     P = b_end.swapaxes(-1, -2) @ W                                  # [B, H, N, K, K]
     idx = np.arange(P.shape[-1])
-    P[..., idx, idx] += di.total                                    # + diag(e^{G_C})
+    P[..., idx, idx] += decay_incl.total                            # + diag(e^{G_C})
     U = k_end.swapaxes(-1, -2) @ vc + b_end.swapaxes(-1, -2) @ u    # [B, H, N, K, V]
     # 4. carry across chunks: S_end = P S_in + U
     S_in = np.empty(U.shape, dtype=U.dtype)                         # [B, H, N, K, V]
@@ -230,7 +231,8 @@ def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None):
     for n in range(U.shape[2]):
         S_in[:, :, n] = S
         S = P[:, :, n] @ S + U[:, :, n]
-    return dict(qc=qc, kc=kc, vc=vc, ac=ac, bc=bc, wc=wc, di=di, ds=ds, Wqk=Wqk, Wqb=Wqb,
+    return dict(qc=qc, kc=kc, vc=vc, ac=ac, bc=bc, wc=wc, decay_incl=decay_incl,
+                decay_strict=decay_strict, Wqk=Wqk, Wqb=Wqb,
                 Wak=Wak, Wab=Wab, A_inv=A_inv, a_read=a_read, W=W, u=u, k_end=k_end,
                 b_end=b_end, P=P, U=U, S_in=S_in, final_state=S)
 
@@ -273,7 +275,7 @@ def chunked_forward(q, k, v, a, b, w, *, scale, initial_state, chunk_size, fast_
     p = _chunk_parts(q, k, v, a, b, w, initial_state, _chunk_len(chunk_size, T), fast_bound)  # 1.-4.
     S_in = p["S_in"]
     X = p["u"] + p["W"] @ S_in                                      # 5. [B, H, N, C, V]
-    o = (p["qc"] * p["di"].eq) @ S_in + p["Wqk"] @ p["vc"] + p["Wqb"] @ X  # 6. [B, H, N, C, V]
+    o = (p["qc"] * p["decay_incl"].exp_Gq) @ S_in + p["Wqk"] @ p["vc"] + p["Wqb"] @ X   # 6. [B, H, N, C, V]
     o *= scale
     return from_chunks(o, T), p["final_state"]
 
@@ -302,13 +304,14 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
     T = q.shape[1]
     C = _chunk_len(chunk_size, T)
     p = _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound)  # 1.
-    qc, kc, vc, ac, bc, di, ds = (p[n] for n in ("qc", "kc", "vc", "ac", "bc", "di", "ds"))
+    qc, kc, vc, ac, bc, decay_incl, decay_strict = (
+        p[n] for n in ("qc", "kc", "vc", "ac", "bc", "decay_incl", "decay_strict"))
     S_in, S_T = p["S_in"], p["final_state"]
     X = p["u"] + p["W"] @ S_in                                      # [B, H, N, C, V]
     doc = to_chunks(do, C)                                          # [B, H, N, C, V]
     # 2. state cotangents at every chunk end
     dX_local = scale * (p["Wqb"].swapaxes(-1, -2) @ doc)            # [B, H, N, C, V]
-    q_read = qc * di.eq                                             # [B, H, N, C, K]
+    q_read = qc * decay_incl.exp_Gq                                 # [B, H, N, C, K]
     local = scale * (q_read.swapaxes(-1, -2) @ doc) + p["W"].swapaxes(-1, -2) @ dX_local  # [.., K, V]
     dS_end, dh0 = reverse_chunk_carry(p["P"], local, dht)           # [B, H, N, K, V], [B, H, K, V]
     # 3. through the solve
@@ -319,14 +322,14 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
     dWqk, dqk_diag = split_diagonal(scale * (doc @ vc.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
     dWqb, dqb_diag = split_diagonal(scale * (doc @ X.swapaxes(-1, -2)))
     # 4. q, k, v, a, b (without the s = t terms of the inclusive scores)
-    dq = (decayed_mix(dWqk, kc, di) + decayed_mix(dWqb, bc, di)
-          + scale * di.eq * (doc @ S_in.swapaxes(-1, -2)))          # [B, H, N, C, K]
-    dk = (decayed_mix_t(dWqk, qc, di) + decayed_mix_t(dWak, ac, ds)
-          + di.to_end * (vc @ dS_end.swapaxes(-1, -2)))             # [B, H, N, C, K]
-    db = (decayed_mix_t(dWqb, qc, di) + decayed_mix_t(dWab, ac, ds)
-          + di.to_end * (X @ dS_end.swapaxes(-1, -2)))              # [B, H, N, C, K]
-    da = (decayed_mix(dWab, bc, ds) + decayed_mix(dWak, kc, ds)
-          + ds.eq * (dR @ S_in.swapaxes(-1, -2)))                   # [B, H, N, C, K]
+    dq = (decayed_mix(dWqk, kc, decay_incl) + decayed_mix(dWqb, bc, decay_incl)
+          + scale * decay_incl.exp_Gq * (doc @ S_in.swapaxes(-1, -2)))   # [B, H, N, C, K]
+    dk = (decayed_mix_t(dWqk, qc, decay_incl) + decayed_mix_t(dWak, ac, decay_strict)
+          + decay_incl.to_end * (vc @ dS_end.swapaxes(-1, -2)))     # [B, H, N, C, K]
+    db = (decayed_mix_t(dWqb, qc, decay_incl) + decayed_mix_t(dWab, ac, decay_strict)
+          + decay_incl.to_end * (X @ dS_end.swapaxes(-1, -2)))      # [B, H, N, C, K]
+    da = (decayed_mix(dWab, bc, decay_strict) + decayed_mix(dWak, kc, decay_strict)
+          + decay_strict.exp_Gq * (dR @ S_in.swapaxes(-1, -2)))     # [B, H, N, C, K]
     dv = (scale * (p["Wqk"].swapaxes(-1, -2) @ doc) + p["Wak"].swapaxes(-1, -2) @ dR
           + p["k_end"] @ dS_end)                                    # [B, H, N, C, V]
     # 5. gate identity per chunk; S_end[n] = S_in[n+1], the last one is the final state

@@ -183,7 +183,7 @@ def test_decay_products_match_their_definition(strict):
         to_end = np.exp(np.stack([g[:, s + 1:].sum(axis=1) for s in range(C)], axis=1))
         testing.assert_close(d.to_end, to_end, "float64", "to_end")
         testing.assert_close(d.total, np.exp(g.sum(axis=1)), "float64", "total")
-        assert not any(np.isnan(a).any() for a in (d.eq, d.ek_inv, d.to_end))
+        assert not any(np.isnan(a).any() for a in (d.exp_Gq, d.exp_neg_G, d.to_end))
 
 
 def test_exact_path_is_processed_in_bounded_blocks(monkeypatch):

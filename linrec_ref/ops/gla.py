@@ -273,39 +273,39 @@ def _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound):
     intra-chunk scores A (without the scale), the state entering every chunk and the final state.
     """
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)        # [B, H, N, C, K|V]
-    dkey = chunk_decay(to_chunks(g, C), strict, fast_bound)           # decays [B, H, N, C, K]
-    dval = None if gv is None else chunk_decay(to_chunks(gv, C), strict, fast_bound)  # [.., V]
+    decay_k = chunk_decay(to_chunks(g, C), strict, fast_bound)      # decays [B, H, N, C, K]
+    decay_v = None if gv is None else chunk_decay(to_chunks(gv, C), strict, fast_bound)   # [.., V]
     # 1. intra-chunk scores A[t, s] = sum_k q_t k_s exp(Gq_t - G_s), on the causal mask
-    A = decayed_scores(qc, kc, dkey)                                # [B, H, N, C, C]
+    A = decayed_scores(qc, kc, decay_k)                             # [B, H, N, C, C]
     # 2. each chunk's own contribution to its end state: sum_s (k_s e^{G_end-G_s}) (v_s ...)^T
-    v_end = vc if dval is None else vc * dval.to_end                # [B, H, N, C, V]
-    U = (kc * dkey.to_end).swapaxes(-1, -2) @ v_end                 # [B, H, N, K, V]
+    v_end = vc if decay_v is None else vc * decay_v.to_end          # [B, H, N, C, V]
+    U = (kc * decay_k.to_end).swapaxes(-1, -2) @ v_end              # [B, H, N, K, V]
     # 3. carry across chunks: S_n = diag(e^{G_end}) S_{n-1} diag(e^{Gv_end}) + U_n
     S_in = np.empty_like(U)                                         # [B, H, N, K, V]
     S = initial_state                                               # [B, H, K, V]
     for n in range(U.shape[2]):
         S_in[:, :, n] = S
-        S = dkey.total[:, :, n, :, None] * S
-        if dval is not None:
-            S = S * dval.total[:, :, n, None, :]
+        S = decay_k.total[:, :, n, :, None] * S
+        if decay_v is not None:
+            S = S * decay_v.total[:, :, n, None, :]
         S = S + U[:, :, n]
-    return qc, kc, vc, dkey, dval, A, S_in, S
+    return qc, kc, vc, decay_k, decay_v, A, S_in, S
 
 
-def _chunk_output(qc, vc, dkey, dval, A, S_in, scale, out=None):
+def _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale, out=None):
     """Step 4: scale * (intra-chunk output + read of the entering state) -> [B, H, N, C, V].
 
     out: optional [B, H, N, C, V] array (e.g. a chunked view of the final output) to write into.
     """
-    if dval is None:
+    if decay_v is None:
         out = np.matmul(A, vc, out=out)                             # [B, H, N, C, V]
     elif out is None:
-        out = decayed_mix(A, vc, dval)
+        out = decayed_mix(A, vc, decay_v)
     else:
-        out[...] = decayed_mix(A, vc, dval)
-    read = (qc * dkey.eq) @ S_in                                    # [B, H, N, C, V]
-    if dval is not None:
-        read *= dval.eq
+        out[...] = decayed_mix(A, vc, decay_v)
+    read = (qc * decay_k.exp_Gq) @ S_in                             # [B, H, N, C, V]
+    if decay_v is not None:
+        read *= decay_v.exp_Gq
     out += read
     out *= scale
     return out
@@ -322,11 +322,11 @@ def chunked_forward(q, k, v, g, gv=None, *, scale, initial_state, chunk_size, st
     """
     B, T, H, V = v.shape
     C = max(1, min(chunk_size, T))                                  # one chunk covers T <= C
-    qc, kc, vc, dkey, dval, A, S_in, S_T = _chunk_parts(
+    qc, kc, vc, decay_k, decay_v, A, S_in, S_T = _chunk_parts(
         q, k, v, g, gv, initial_state, C, strict, fast_bound)
     N = qc.shape[2]
     o = np.empty((B, N * C, H, V), dtype=v.dtype)                   # [B, N*C, H, V]
-    _chunk_output(qc, vc, dkey, dval, A, S_in, scale, out=chunk_view(o, C))  # 4. written into o
+    _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale, out=chunk_view(o, C))   # 4. written into o
     return (o if N * C == T else np.ascontiguousarray(o[:, :T])), S_T
 
 
@@ -343,53 +343,53 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
     """
     T = q.shape[1]
     C = max(1, min(chunk_size, T))
-    qc, kc, vc, dkey, dval, A, S_in, S_T = _chunk_parts(
+    qc, kc, vc, decay_k, decay_v, A, S_in, S_T = _chunk_parts(
         q, k, v, g, gv, initial_state, C, strict, fast_bound)
     doc = to_chunks(do, C)                                            # [B, H, N, C, V]
     N = qc.shape[2]
     # 2. dS_end[n]: cotangent of the state at the end of chunk n
-    q_read = scale * qc * dkey.eq                                   # [B, H, N, C, K]
-    do_read = doc if dval is None else doc * dval.eq                # [B, H, N, C, V]
+    q_read = scale * qc * decay_k.exp_Gq                            # [B, H, N, C, K]
+    do_read = doc if decay_v is None else doc * decay_v.exp_Gq      # [B, H, N, C, V]
     local = q_read.swapaxes(-1, -2) @ do_read                       # [B, H, N, K, V]
     dS_end = np.empty_like(S_in)                                    # [B, H, N, K, V]
     dS = dht
     for n in reversed(range(N)):
         dS_end[:, :, n] = dS
-        dS = dkey.total[:, :, n, :, None] * dS
-        if dval is not None:
-            dS = dS * dval.total[:, :, n, None, :]
+        dS = decay_k.total[:, :, n, :, None] * dS
+        if decay_v is not None:
+            dS = dS * decay_v.total[:, :, n, None, :]
         dS = dS + local[:, :, n]
     dh0 = dS
     # 3. intra-chunk and state terms
-    k_end = kc * dkey.to_end                                        # [B, H, N, C, K]
-    v_end = vc if dval is None else vc * dval.to_end                # [B, H, N, C, V]
-    if dval is None:
+    k_end = kc * decay_k.to_end                                     # [B, H, N, C, K]
+    v_end = vc if decay_v is None else vc * decay_v.to_end          # [B, H, N, C, V]
+    if decay_v is None:
         dA = scale * (doc @ vc.swapaxes(-1, -2))                    # [B, H, N, C, C] (masked below)
         dv = scale * (A.swapaxes(-1, -2) @ doc)                     # A is masked
         dv += k_end @ dS_end                                        # [B, H, N, C, V]
     else:
-        dA = scale * decayed_scores(doc, vc, dval)                  # [B, H, N, C, C]
-        dv = scale * decayed_mix_t(A, doc, dval) + dval.to_end * (k_end @ dS_end)
+        dA = scale * decayed_scores(doc, vc, decay_v)               # [B, H, N, C, C]
+        dv = scale * decayed_mix_t(A, doc, decay_v) + decay_v.to_end * (k_end @ dS_end)
     if strict:                                                      # s < t: no diagonal
         dA_diag = np.zeros(dA.shape[:-1] + (1,), dtype=dA.dtype)    # [.., C, 1]
     else:                                                           # s = t terms kept apart
         dA, dA_diag = split_diagonal(dA)                            # [.., C, C], [.., C, 1]
-    dq = decayed_mix(dA, kc, dkey) + scale * dkey.eq * (do_read @ S_in.swapaxes(-1, -2))
-    dk = decayed_mix_t(dA, qc, dkey) + dkey.to_end * (v_end @ dS_end.swapaxes(-1, -2))
+    dq = decayed_mix(dA, kc, decay_k) + scale * decay_k.exp_Gq * (do_read @ S_in.swapaxes(-1, -2))
+    dk = decayed_mix_t(dA, qc, decay_k) + decay_k.to_end * (v_end @ dS_end.swapaxes(-1, -2))
     # 4. gate identity per chunk (without the s = t terms); S_end[n] = S_in[n+1]
     S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
     dSS = dS_end * S_end                                            # [B, H, N, K, V]
-    dg = _gate_grad(qc * dq, kc * dk, dSS.sum(-1), dkey)            # [B, H, N, C, K]
+    dg = _gate_grad(qc * dq, kc * dk, dSS.sum(-1), decay_k)         # [B, H, N, C, K]
     dq, dk = dq + dA_diag * kc, dk + dA_diag * qc                   # the s = t terms
     grads = {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
              "g": from_chunks(dg, T), "gv": None, "initial_state": dh0}
-    if dval is not None:
-        o = _chunk_output(qc, vc, dkey, dval, A, S_in, scale)       # [B, H, N, C, V]
-        grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), dval), T)
+    if decay_v is not None:
+        o = _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale)   # [B, H, N, C, V]
+        grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), decay_v), T)
     return grads
 
 
-def _gate_grad(read, write, end, d):
+def _gate_grad(read, write, end, decay):
     """dL/dg inside each chunk from the gate identity.
 
     read:  [..., C, D] x_t * dx_t of the query side (its decay is Gq_t: G_t, or G_{t-1} if strict)
@@ -398,12 +398,12 @@ def _gate_grad(read, write, end, d):
     dL/dG_u = read at the t whose Gq_t is G_u - write_u (+ end at the last u); dg = rev-cumsum.
     """
     dG = -write                                                     # [..., C, D]
-    if d.strict:
+    if decay.strict:
         dG[..., :-1, :] += read[..., 1:, :]                         # Gq_t = G_{t-1}; Gq_0 = 0
     else:
         dG += read
     dG[..., -1, :] += end
-    return reverse_cumsum_in_chunks(dG, reset=np.isneginf(d.g))     # [..., C, D], 0 at resets
+    return reverse_cumsum_in_chunks(dG, reset=np.isneginf(decay.g))   # [..., C, D], 0 at resets
 
 
 @forward_form(SPEC, chunked=True)

@@ -208,32 +208,32 @@ def _channel_chunks(a, C):
     return to_chunks(a, C)[..., None]
 
 
-def _exact_chunks(d):
-    """Yield (sel, E) for the chunks of d that take the exact path: sel indexes [B, D, N],
+def _exact_chunks(decay):
+    """Yield (sel, E) for the chunks of decay that take the exact path: sel indexes [B, D, N],
     E = exp(segsum(g)) of those chunks, [M, C, C] with E[m, t, s] = exp(g_{s+1} + .. + g_t)."""
-    for sel, E in _exact_blocks(d):                                 # E: [M, C, C, 1]
+    for sel, E in _exact_blocks(decay):                             # E: [M, C, C, 1]
         yield sel, E[..., 0]                                        # [M, C, C]
 
 
 def _chunk_parts(x, g, initial_state, C, fast_bound):
     """Steps 1-4 of the chunkwise form, shared by forward and backward.
 
-    Returns the chunked inputs xc [B, D, N, C], the decays d (``_decay.ChunkDecay`` over
+    Returns the chunked inputs xc [B, D, N, C], the decays (``_decay.ChunkDecay`` over
     [B, D, N, C, 1]), the state entering every chunk h_in [B, D, N], the chunked outputs
     oc [B, D, N, C] and the final state [B, D].
     """
     xc = to_chunks(x, C)                                            # [B, D, N, C]
-    d = chunk_decay(_channel_chunks(g, C), fast_bound=fast_bound)   # [B, D, N, C, 1]; fast [B, D, N]
-    eq = d.eq[..., 0]                                               # [B, D, N, C]: exp(G_t) <= 1
+    decay = chunk_decay(_channel_chunks(g, C), fast_bound=fast_bound)   # [B, D, N, C, 1]; fast [B, D, N]
+    exp_G = decay.exp_Gq[..., 0]                                    # [B, D, N, C]: exp(G_t) <= 1
     # 1. intra-chunk, from a zero state: o_t = sum_{s<=t} exp(G_t - G_s) x_s
-    #    fast chunks: exp(G_t) * cumsum_s(exp(-G_s) x_s), O(C) (ek_inv = 0 in the other chunks)
-    intra = cumsum_in_chunks(d.ek_inv * xc[..., None])[..., 0]      # [B, D, N, C]
-    intra *= eq
+    #    fast chunks: exp(G_t) * cumsum_s(exp(-G_s) x_s), O(C) (exp_neg_G = 0 in the other chunks)
+    intra = cumsum_in_chunks(decay.exp_neg_G * xc[..., None])[..., 0]   # [B, D, N, C]
+    intra *= exp_G
     #    exact chunks: the chunk's [C, C] decay mask times its inputs
-    for sel, E in _exact_chunks(d):
+    for sel, E in _exact_chunks(decay):
         intra[sel] = (E @ xc[sel][..., None])[..., 0]               # [M, C]
     # 2. chunk states: the intra-chunk state at the chunk's last token, and the chunk's decay
-    U, a_chunk = intra[..., -1], d.total[..., 0]                    # [B, D, N]
+    U, a_chunk = intra[..., -1], decay.total[..., 0]                # [B, D, N]
     # 3. carry across chunks: h_n = a_chunk_n h_{n-1} + U_n; keep the state entering each chunk
     h_in = np.empty_like(U)                                         # [B, D, N]
     h = initial_state                                               # [B, D]
@@ -241,9 +241,9 @@ def _chunk_parts(x, g, initial_state, C, fast_bound):
         h_in[..., n] = h
         h = a_chunk[..., n] * h + U[..., n]
     # 4. output: intra + the carried state decayed from the chunk start
-    oc = eq * h_in[..., None]                                       # [B, D, N, C]
+    oc = exp_G * h_in[..., None]                                    # [B, D, N, C]
     oc += intra
-    return xc, d, h_in, oc, h
+    return xc, decay, h_in, oc, h
 
 
 def chunked_forward(x, g, *, initial_state, chunk_size, fast_bound=None):
@@ -270,25 +270,25 @@ def chunked_vjp(x, g, *, do, dht, initial_state, chunk_size, fast_bound=None):
     """
     T = x.shape[1]
     C = max(1, min(chunk_size, T))
-    xc, d, h_in, oc, _ = _chunk_parts(x, g, initial_state, C, fast_bound)
+    xc, decay, h_in, oc, _ = _chunk_parts(x, g, initial_state, C, fast_bound)
     doc = to_chunks(do, C)                                          # [B, D, N, C]
     # 2. dh_end[n]: cotangent of the state at the end of chunk n (from the later chunks)
-    from_t = reverse_cumsum_in_chunks(d.eq * doc[..., None])[..., 0]  # [B, D, N, C]
+    from_t = reverse_cumsum_in_chunks(decay.exp_Gq * doc[..., None])[..., 0]   # [B, D, N, C]
     local = from_t[..., 0].copy()                                   # [B, D, N]: sum_t exp(G_t) do_t
     dh_end = np.empty_like(h_in)                                    # [B, D, N]
     dh = dht                                                        # [B, D]
     for n in reversed(range(h_in.shape[-1])):
         dh_end[..., n] = dh
-        dh = d.total[..., n, 0] * dh + local[..., n]
-    # 3. dx inside each chunk: fast chunks factored (ek_inv = 0 elsewhere), then the exact ones
-    dxc = np.multiply(d.ek_inv[..., 0], from_t, out=from_t)         # [B, D, N, C] (in from_t)
-    for sel, E in _exact_chunks(d):
+        dh = decay.total[..., n, 0] * dh + local[..., n]
+    # 3. dx inside each chunk: fast chunks factored (exp_neg_G = 0 elsewhere), then the exact ones
+    dxc = np.multiply(decay.exp_neg_G[..., 0], from_t, out=from_t)  # [B, D, N, C] (in from_t)
+    for sel, E in _exact_chunks(decay):
         dxc[sel] = (E.swapaxes(-1, -2) @ doc[sel][..., None])[..., 0]  # [M, C]
-    dxc += d.to_end[..., 0] * dh_end[..., None]                     # [B, D, N, C]
+    dxc += decay.to_end[..., 0] * dh_end[..., None]                 # [B, D, N, C]
     # 4. dg from the direct formula; h_prev shifts the outputs by one inside each chunk
     h_prev = np.empty_like(oc)                                      # [B, D, N, C] (oc's memory order)
     h_prev[..., 0], h_prev[..., 1:] = h_in, oc[..., :-1]
-    dgc = np.exp(d.g[..., 0])                                       # [B, D, N, C]: a_t
+    dgc = np.exp(decay.g[..., 0])                                   # [B, D, N, C]: a_t
     dgc *= dxc
     dgc *= h_prev
     return {"x": from_chunks(dxc, T), "g": from_chunks(dgc, T), "initial_state": dh}
