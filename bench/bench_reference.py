@@ -1,4 +1,4 @@
-"""Speed of the NumPy reference itself, as ratios measured in one run (performance.md protocol).
+"""Speed of the NumPy reference itself, as ratios measured in one run (protocol: bench/README.md).
 
     OPENBLAS_NUM_THREADS=1 python bench/bench_reference.py [--ops gla simple_gla] [--T 2048]
 
