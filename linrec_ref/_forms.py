@@ -19,9 +19,15 @@ The decorators below do, for every op alike:
   3. materialise a zero initial state (and a zero final-state cotangent ``dht``) when none is
      given, so cores never branch on None;
   4. run packed sequences (``cu_seqlens``) one segment at a time: a segment is a B=1 call with its
-     own initial state, which is exactly "the state resets at each boundary"; zero-length
-     segments pass their initial state through untouched;
-  5. drop the final state unless ``output_final_state=True``.
+     own initial state, which is exactly "the state resets at each boundary";
+  5. never call a core on zero tokens: a call (or segment) with T = 0 returns an empty output and
+     passes its initial state through, and its vjp passes dht through as the initial state's
+     gradient (zero gradients elsewhere);
+  6. hand chunkwise cores a chunk size of at most the call's (segment's) T, so that no core pads
+     T up to a chunk_size far larger than the sequence;
+  7. refuse, before allocating, a quadratic form (parallel, its vjp, attention_matrix) whose
+     estimated memory exceeds the memory limit (see ``check_quadratic_memory``);
+  8. drop the final state unless ``output_final_state=True``.
 Cores receive and return plain arrays; states are an array or, for ops with several state parts
 (mLSTM), a tuple of arrays.
 """
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from types import SimpleNamespace
 from typing import Callable, Dict, Optional, Sequence
 
@@ -76,8 +83,11 @@ def _check_state(spec: OpSpec, state_args, name: str, value, binder: V.Binder, r
     parts = value if is_tuple else (value,)
     if is_tuple and (not isinstance(value, (tuple, list)) or len(value) != len(state_args)):
         described = ", ".join(f"{a.name}: [{', '.join(a.dims)}]" for a in state_args)
+        got = (f"a {type(value).__name__} of {len(value)}" if isinstance(value, (tuple, list))
+               else f"a {type(value).__name__}")
         raise TypeError(
-            f"{spec.name}: argument '{name}' must be a tuple ({described}), got {type(value).__name__}"
+            f"{spec.name}: argument '{name}' must be a tuple of {len(state_args)} arrays "
+            f"({described}), got {got}"
         )
     for arg, x in zip(state_args, parts):
         label = name if not is_tuple else f"{name}.{arg.name}"
@@ -110,6 +120,11 @@ def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = F
     if spec.default_scale is not None and p.scale is None:
         p.scale = float(spec.default_scale(binder.sizes))
     p.options = bind_default_options(spec, values.get("options", {}))
+    for name, default in spec.options.items():
+        if isinstance(default, bool):
+            V.check_flag(op, name, p.options[name])
+    if "output_final_state" in values:
+        V.check_flag(op, "output_final_state", values["output_final_state"])
     if names is not None:  # attention_matrix: no state, no varlen
         p.sizes = binder.sizes
         return p
@@ -310,20 +325,74 @@ _VJP_DOC = """
 """
 
 
+# ---------------------------------------------------------------------------- quadratic memory
+QUADRATIC_FORMS = ("parallel", "parallel_vjp", "attention_matrix")
+# A quadratic form holds a few arrays of its largest size at once (decay masks, scores and their
+# cotangents; 1 to 9 of them, measured over the ops): the estimate counts this many.
+ARRAYS_AT_ONCE = 4
+
+
+def shape_of(dims: Sequence[str], sizes: Dict[str, int]) -> tuple:
+    """The sizes of dims such as ("B", "HV", "T", "T*NH"); an entry "T*NH" is a product."""
+    return tuple(math.prod(sizes[f] for f in d.split("*")) for d in dims)
+
+
+def _channel_axis(sizes: Dict[str, int]) -> tuple:
+    """The axis an op's T x T matrices are stacked over: the first of HV, H, D that is bound."""
+    return next(((c,) for c in ("HV", "H", "D") if c in sizes), ())
+
+
+def quadratic_dims(spec: OpSpec, sizes: Dict[str, int]) -> tuple:
+    """The dims of the largest T^2 intermediate (OpSpec.quadratic; default [B, C, T, T])."""
+    return parse_dims(spec.quadratic) if spec.quadratic else ("B",) + _channel_axis(sizes) + ("T", "T")
+
+
+def check_quadratic_memory(spec: OpSpec, p, form_name: str) -> None:
+    """Refuse, before anything is allocated, a quadratic form whose estimated memory exceeds
+    ``linrec_ref.memory_limit()``: ARRAYS_AT_ONCE arrays of the op's largest T^2 intermediate at
+    the sizes one core call sees (with cu_seqlens: B = 1 and the longest segment's T). Raises
+    ``MemoryLimitError`` naming the estimate, the limit, how to raise it and the cheaper form."""
+    sizes = dict(p.sizes)
+    if getattr(p, "cu_seqlens", None) is not None:
+        sizes.update(B=1, T=int(np.diff(p.cu_seqlens).max()))
+    dims = quadratic_dims(spec, sizes)
+    shape = shape_of(dims, sizes)
+    has_complex = any(a.kind == "complex" for a in spec.inputs + spec.state)
+    dtype = V.COMPLEX_OF[p.dtype] if has_complex else p.dtype
+    largest = math.prod(shape) * dtype.itemsize
+    estimate, limit = ARRAYS_AT_ONCE * largest, V.memory_limit()
+    if estimate <= limit:
+        return
+    cheaper = ("It is a T x T matrix: compute it for a shorter T"
+               if form_name == "attention_matrix" else
+               "Use form='chunkwise' or 'recurrent' (memory linear in T)")
+    raise V.MemoryLimitError(
+        f"{spec.name}: the {form_name} form needs an estimated {V.format_bytes(estimate)} "
+        f"({ARRAYS_AT_ONCE} arrays the size of its largest intermediate, [{', '.join(dims)}] = "
+        f"[{', '.join(map(str, shape))}] {dtype}, {V.format_bytes(largest)} each), above the "
+        f"memory limit of {V.format_bytes(limit)}. {cheaper}, or raise the limit with "
+        f"linrec_ref.set_memory_limit(n_bytes) or the environment variable {V.MEMORY_LIMIT_ENV} "
+        f"(e.g. {V.MEMORY_LIMIT_ENV}=64GiB)."
+    )
+
+
 # ---------------------------------------------------------------------------- decorators
 def forward_form(spec: OpSpec, *, chunked: bool = False):
     """Wrap a dense forward core ``core(*inputs, scale, initial_state, [chunk_size], **options)``."""
 
     def decorate(core):
         sig = _signature(spec, chunked=chunked)
+        quadratic = core.__name__ in QUADRATIC_FORMS
 
         def form(*args, **kwargs):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, chunked=chunked)
+            if quadratic:
+                check_quadratic_memory(spec, p, core.__name__)
             kw = _core_kwargs(spec, p, chunked)
             p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
-                o, ht = core(**p.inputs, initial_state=p.initial_state, **kw)
+                o, ht = _call_forward(spec, core, p, p.inputs, p.initial_state, kw, p.sizes["B"], p.sizes["T"])
             else:
                 o, ht = _forward_varlen(spec, core, p, kw)
             return o, (ht if values["output_final_state"] else None)
@@ -338,17 +407,21 @@ def vjp_form(spec: OpSpec, *, chunked: bool = False):
 
     def decorate(core):
         sig = _signature(spec, chunked=chunked, vjp=True)
+        quadratic = core.__name__ in QUADRATIC_FORMS
 
         def form(*args, **kwargs):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, chunked=chunked, vjp=True)
+            if quadratic:
+                check_quadratic_memory(spec, p, core.__name__)
             kw = _core_kwargs(spec, p, chunked)
             given = p.inputs
             p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
-                grads = core(**p.inputs, do=p.do, dht=p.dht, initial_state=p.initial_state, **kw)
+                grads = _call_vjp(spec, core, p, p.inputs, p.do, p.dht, p.initial_state, kw, p.sizes["T"])
             else:
                 grads = _vjp_varlen(spec, core, p, kw)
+            grads = _zeros_for_unreached(spec, p.inputs, grads)
             p.inputs = given
             grads = _reduce_groups(spec, p, grads)
             out = {n: (grads.get(n) if p.inputs.get(n) is not None else None) for n in spec.differentiable}
@@ -369,6 +442,41 @@ def _core_kwargs(spec: OpSpec, p, chunked: bool) -> dict:
     return kw
 
 
+def _within(kw: dict, T: int) -> dict:
+    """The core's keyword arguments for a call on T >= 1 tokens: a chunk of at most T tokens
+    (one chunk covers the call; a core never pads T up to a larger chunk_size)."""
+    if kw.get("chunk_size", 0) > T:
+        return dict(kw, chunk_size=T)
+    return kw
+
+
+def _call_forward(spec: OpSpec, core, p, inputs: dict, h0, kw: dict, batch: int, T: int):
+    """One core call on T tokens (the whole batch, or one varlen segment) -> (o, final state).
+    With T = 0 the core is not called: the output is empty and the state passes through."""
+    if T == 0:
+        shape = (batch, 0) + tuple(p.sizes[d] for d in parse_dims(spec.output)[2:])
+        return np.zeros(shape, dtype=p.dtype), h0
+    return core(**inputs, initial_state=h0, **_within(kw, T))
+
+
+def _call_vjp(spec: OpSpec, core, p, inputs: dict, do, dht, h0, kw: dict, T: int) -> dict:
+    """The vjp of one ``_call_forward``. With T = 0 the call is the identity map on the state:
+    dht is the initial state's gradient, per-token gradients are empty, and inputs without a
+    time axis get none (``_zeros_for_unreached`` fills them)."""
+    if T == 0:
+        grads = {n: np.zeros_like(x) for n, x in inputs.items()
+                 if x is not None and spec.arg(n).per_token}
+        grads["initial_state"] = dht
+        return grads
+    return core(**inputs, do=do, dht=dht, initial_state=h0, **_within(kw, T))
+
+
+def _zeros_for_unreached(spec: OpSpec, inputs: dict, grads: dict) -> dict:
+    """A zero gradient for every given input that no core call reached (T = 0, empty segments)."""
+    missing = [n for n, x in inputs.items() if x is not None and grads.get(n) is None]
+    return dict(grads, **{n: np.zeros_like(inputs[n]) for n in missing}) if missing else grads
+
+
 def _segments(p):
     cu = p.cu_seqlens
     for n in range(len(cu) - 1):
@@ -386,18 +494,14 @@ def _forward_varlen(spec: OpSpec, core, p, kw):
     outs, finals = [], []
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
-        if hi == lo:  # zero-length segment: no output, the state passes through
-            shape = (1, 0) + tuple(p.sizes[d] for d in parse_dims(spec.output)[2:])
-            outs.append(np.zeros(shape, dtype=p.dtype))
-            finals.append(h0)
-            continue
-        o, ht = core(**_segment_inputs(spec, p.inputs, lo, hi), initial_state=h0, **kw)
+        o, ht = _call_forward(spec, core, p, _segment_inputs(spec, p.inputs, lo, hi), h0, kw, 1, hi - lo)
         outs.append(o)
         finals.append(ht)
     return np.concatenate(outs, axis=1), concat_segment_states(spec, p.state_args, finals)
 
 
 def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
+    """Per-token gradients are concatenated over the segments, the others summed."""
     per_token = {n: [] for n, x in p.inputs.items() if x is not None and spec.arg(n).per_token}
     shared = {n: None for n, x in p.inputs.items() if x is not None and not spec.arg(n).per_token}
     dh0 = []
@@ -405,13 +509,8 @@ def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
         dht = segment_cotangent(spec, p.state_args, tree_map(lambda s: s[n:n + 1], p.dht), L0 + hi - lo)
-        if hi == lo:  # the segment is the identity map on the state
-            for name in per_token:
-                per_token[name].append(p.inputs[name][:, lo:hi] * 0)
-            dh0.append(dht)
-            continue
-        g = core(**_segment_inputs(spec, p.inputs, lo, hi), do=p.do[:, lo:hi], dht=dht,
-                 initial_state=h0, **kw)
+        g = _call_vjp(spec, core, p, _segment_inputs(spec, p.inputs, lo, hi), p.do[:, lo:hi], dht, h0,
+                      kw, hi - lo)
         for name in per_token:
             per_token[name].append(g[name])
         for name in shared:
@@ -419,8 +518,7 @@ def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
                 shared[name] = g[name] if shared[name] is None else tree_map(np.add, shared[name], g[name])
         dh0.append(g["initial_state"])
     grads = {name: np.concatenate(parts, axis=1) for name, parts in per_token.items()}
-    for name, val in shared.items():
-        grads[name] = val if val is not None else np.zeros_like(p.inputs[name])
+    grads.update({name: val for name, val in shared.items() if val is not None})
     grads["initial_state"] = tree_concat(dh0, axis=0)
     return grads
 
@@ -454,6 +552,10 @@ def matrix_form(spec: OpSpec, names: Sequence[str]):
         def form(*args, **kwargs):
             values = _bind(spec, sig, args, kwargs)
             p = _prepare(spec, values, names=tuple(names))
+            check_quadratic_memory(spec, p, "attention_matrix")
+            if p.sizes["T"] == 0:  # no tokens: [B, C, 0, 0] (also delta_product's [B, HV, T, T*NH])
+                dims = ("B",) + _channel_axis(p.sizes) + ("T", "T")
+                return np.zeros(shape_of(dims, p.sizes), dtype=p.dtype)
             kw = _core_kwargs(spec, p, False)
             return core(**_expand_groups(spec, p), **kw)
 
@@ -461,7 +563,8 @@ def matrix_form(spec: OpSpec, names: Sequence[str]):
     Returns the op's implicit attention matrix M (causal: lower triangular in time), the linear
     map from the op's values to its output with a zero initial state, e.g. [B, H, T, T] with
     o[b, :, h] = M[b, h] @ v[b, :, h] for the q/k/v ops; the op's docstring above gives its exact
-    shape and what it multiplies. For inspection and plots; O(T^2) memory.
+    shape and what it multiplies. For inspection and plots; O(T^2) memory (a call whose estimate
+    exceeds ``linrec_ref.memory_limit()`` is refused with a MemoryLimitError).
 """)
 
     return decorate

@@ -108,6 +108,11 @@ class OpSpec:
     # cu_seqlens, the final states of segments are front-padded with zeros to the longest, so an
     # op with a growing axis must treat all-zero entries as absent (see _forms).
     growing_axis: Optional[str] = None
+    # The shape of the largest intermediate that grows with T^2 (of the parallel form, its vjp
+    # and attention_matrix), as dims; an entry "T*NH" is a product of sizes. The form wrappers
+    # refuse a call whose estimate exceeds the memory limit. None: [B, C, T, T], C the first of
+    # HV, H, D that the call binds.
+    quadratic: Optional[str] = None
 
     def arg(self, name: str) -> Arg:
         for a in self.inputs:

@@ -7,6 +7,8 @@ of the wrong shape or dtype is an error, never a silent conversion.
 from __future__ import annotations
 
 import numbers
+import os
+import re
 from typing import Dict, Iterable, Optional, Tuple
 
 import numpy as np
@@ -63,37 +65,72 @@ class Binder:
                 self.source[letter] = f"argument '{name}'"
 
 
+# ndarray subclasses whose meaning an op would silently drop: a masked array's mask, a matrix's
+# 2-D-only algebra. Other subclasses (np.memmap) are plain memory and are accepted as views.
+_REJECTED_SUBCLASSES = (
+    (np.ma.MaskedArray, "a numpy.ma.MaskedArray (its mask would be ignored); pass x.filled(value) "
+                        "or np.asarray(x.data) explicitly"),
+    (np.matrix, "a numpy.matrix (matrix semantics are not supported); pass np.asarray(x)"),
+)
+
+
 def require_ndarray(op: str, name: str, x) -> np.ndarray:
+    """x as a plain ndarray (a view of the same memory for np.memmap and other plain subclasses);
+    anything else, masked arrays and matrices included, is a TypeError naming the argument."""
+    for cls, why in _REJECTED_SUBCLASSES:
+        if isinstance(x, cls):
+            raise TypeError(f"{op}: argument '{name}' is {why}; nothing is converted silently")
     if not isinstance(x, np.ndarray):
         raise TypeError(
             f"{op}: argument '{name}' must be a numpy.ndarray, got {type(x).__name__} "
             "(convert explicitly, e.g. np.asarray(x, dtype=np.float64); nothing is converted silently)"
         )
-    return x
+    return x if type(x) is np.ndarray else x.view(np.ndarray)
 
 
-def check_dtype(op: str, arg: Arg, x: np.ndarray, real_dtype: Optional[np.dtype]) -> np.dtype:
-    """Check x's dtype against the argument kind; return the real working dtype of the call."""
+def check_dtype(op: str, arg: Arg, x: np.ndarray) -> np.dtype:
+    """Check x's dtype against the argument kind; return the real working dtype it implies
+    (float64 for float64 and complex128)."""
     dt = x.dtype
     if arg.kind == "real" or (arg.kind == "any_float" and dt.kind == "f"):
         if dt not in REAL_DTYPES:
             raise InputError(f"{op}: argument '{arg.name}' has dtype {dt}; expected float32 or float64")
-        implied = dt
-    elif arg.kind in ("complex", "any_float"):
+        return dt
+    if arg.kind in ("complex", "any_float"):
         if dt not in REAL_OF:
             raise InputError(
                 f"{op}: argument '{arg.name}' has dtype {dt}; expected complex64 or complex128"
             )
-        implied = REAL_OF[dt]
-    else:  # pragma: no cover - spec error
-        raise AssertionError(f"unknown kind {arg.kind}")
-    if real_dtype is not None and implied != real_dtype:
-        want = real_dtype if dt.kind == "f" else COMPLEX_OF[real_dtype]
-        raise InputError(
-            f"{op}: argument '{arg.name}' has dtype {dt}, but the other inputs are {real_dtype}; "
-            f"expected {want} (inputs are never cast implicitly)"
-        )
-    return implied
+        return REAL_OF[dt]
+    raise AssertionError(f"unknown kind {arg.kind}")  # pragma: no cover - spec error
+
+
+def common_dtype(op: str, arrays: Dict[str, np.ndarray], implied: Dict[str, np.dtype],
+                 real_dtype: Optional[np.dtype] = None) -> Optional[np.dtype]:
+    """The one working precision of a call (float32 or float64).
+
+    ``implied`` maps each argument to the real dtype its dtype implies. The working dtype is
+    ``real_dtype`` when given (e.g. the inputs' dtype, when checking a cotangent), else the
+    majority of the arguments (a tie goes to the first argument, q for most ops). The error
+    names the first argument that differs and lists every argument's dtype.
+    """
+    if not implied:
+        return real_dtype
+    if real_dtype is None:
+        counts: Dict[np.dtype, int] = {}
+        for dt in implied.values():
+            counts[dt] = counts.get(dt, 0) + 1
+        real_dtype = max(counts, key=counts.get)  # max keeps the first of equal counts
+    for name, dt in implied.items():
+        if dt != real_dtype:
+            x_dt = arrays[name].dtype
+            want = real_dtype if x_dt.kind == "f" else COMPLEX_OF[real_dtype]
+            seen = ", ".join(f"{n}: {a.dtype}" for n, a in arrays.items())
+            raise InputError(
+                f"{op}: argument '{name}' has dtype {x_dt}, but the other inputs are {real_dtype}; "
+                f"expected {want} (inputs are never cast implicitly; dtypes seen: {seen})"
+            )
+    return real_dtype
 
 
 def check_values(op: str, arg: Arg, x: np.ndarray) -> None:
@@ -142,22 +179,35 @@ def check_values(op: str, arg: Arg, x: np.ndarray) -> None:
 
 def check_arrays(op: str, specs: Iterable[Arg], values: Dict[str, object], binder: Binder,
                  real_dtype: Optional[np.dtype] = None, drop: str = "") -> Optional[np.dtype]:
-    """Validate the arrays named in ``specs`` (shape, dtype, values); return the working dtype.
+    """Validate the arrays named in ``specs`` (type, shape, dtype, values); return the working dtype.
 
     drop: dimension letters to remove from every spec (``"T"`` for the single-token ``step``).
+    An accepted ndarray subclass (np.memmap) is replaced in ``values`` by a plain ndarray view.
     """
+    arrays: Dict[str, np.ndarray] = {}
+    implied: Dict[str, np.dtype] = {}
     for arg in specs:
         x = values.get(arg.name)
         if x is None:
             if arg.optional:
                 continue
             raise TypeError(f"{op}: argument '{arg.name}' is required")
-        x = require_ndarray(op, arg.name, x)
-        dims = tuple(d for d in arg.dims if d not in drop)
-        binder.bind(arg.name, x, dims)
-        real_dtype = check_dtype(op, arg, x, real_dtype)
-        check_values(op, arg, x)
+        x = values[arg.name] = require_ndarray(op, arg.name, x)
+        binder.bind(arg.name, x, tuple(d for d in arg.dims if d not in drop))
+        arrays[arg.name], implied[arg.name] = x, check_dtype(op, arg, x)
+    real_dtype = common_dtype(op, arrays, implied, real_dtype)
+    for arg in specs:
+        if arg.name in arrays:
+            check_values(op, arg, arrays[arg.name])
     return real_dtype
+
+
+def check_flag(op: str, name: str, value) -> bool:
+    """A boolean option: bool or np.bool_ only (a string such as 'no' is not a truth value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{op}: argument '{name}' must be True or False, got {value!r} "
+                        f"({type(value).__name__})")
+    return bool(value)
 
 
 def check_scale(op: str, scale) -> Optional[float]:
@@ -207,3 +257,80 @@ def check_cu_seqlens(op: str, cu_seqlens, batch: int, length: int) -> np.ndarray
             f"< cu_seqlens[{i}]={int(cu[i])}"
         )
     return cu.astype(np.int64)
+
+
+# ---------------------------------------------------------------------------- memory limit
+class MemoryLimitError(InputError, MemoryError):
+    """A form whose memory grows with T^2 would exceed the memory limit at these sizes.
+
+    Raised before anything is allocated. Both an ``InputError`` (the sizes are the problem) and a
+    ``MemoryError`` (what the call would have run into).
+    """
+
+
+MEMORY_LIMIT_ENV = "LINREC_MEMORY_LIMIT"
+_FALLBACK_LIMIT = 8 * 2**30      # when the physical memory cannot be read
+_memory_limit: Optional[int] = None   # set_memory_limit(); None: the environment or the default
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def _physical_memory() -> Optional[int]:
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+
+
+def default_memory_limit() -> int:
+    """Half the physical memory where it can be read (POSIX), else 8 GiB."""
+    physical = _physical_memory()
+    return physical // 2 if physical else _FALLBACK_LIMIT
+
+
+def parse_bytes(text: str, what: str) -> int:
+    """'68719476736', '64GiB', '64 GB', '1.5T' -> bytes (K/M/G/T alone are binary units)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if m is None or unit not in _UNITS or float(m.group(1)) * _UNITS[unit] < 1:
+        raise InputError(f"{what} must be a positive number of bytes, optionally with a unit "
+                         f"(e.g. 68719476736, 64GiB, 64GB), got {text!r}")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def memory_limit() -> int:
+    """The limit, in bytes, on the estimated memory of a form that grows with T^2: the value of
+    ``set_memory_limit``, else the environment variable LINREC_MEMORY_LIMIT, else
+    ``default_memory_limit()`` (half the physical memory, or 8 GiB where it cannot be read)."""
+    if _memory_limit is not None:
+        return _memory_limit
+    env = os.environ.get(MEMORY_LIMIT_ENV)
+    if env:
+        return parse_bytes(env, f"the environment variable {MEMORY_LIMIT_ENV}")
+    return default_memory_limit()
+
+
+def set_memory_limit(n_bytes) -> None:
+    """Set the memory limit of quadratic forms (parallel, its vjp, attention_matrix) to n_bytes
+    (an int > 0, or a string such as "64GiB"); None restores the environment variable
+    LINREC_MEMORY_LIMIT or the default (half the physical memory)."""
+    global _memory_limit
+    if n_bytes is None:
+        _memory_limit = None
+        return
+    if isinstance(n_bytes, str):
+        _memory_limit = parse_bytes(n_bytes, "set_memory_limit: argument 'n_bytes'")
+        return
+    if isinstance(n_bytes, (bool, np.bool_)) or not isinstance(n_bytes, numbers.Integral) or n_bytes < 1:
+        raise TypeError(f"set_memory_limit: argument 'n_bytes' must be a positive int, a string such "
+                        f"as '64GiB', or None (the default), got {n_bytes!r}")
+    _memory_limit = int(n_bytes)
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
