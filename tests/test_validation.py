@@ -1,4 +1,4 @@
-"""Every validation error names the argument and what was expected (DEVELOPERS.md standards)."""
+"""Every validation error names the argument and what was expected (docs/conventions.md)."""
 import numpy as np
 import pytest
 
