@@ -7,7 +7,7 @@ validated against the reference before they are timed; callers never change.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
 
 
 class Backend:
@@ -40,8 +40,13 @@ def register(backend: Backend) -> None:
     _BACKENDS[backend.name] = backend
 
 
-def get(name: str) -> Backend:
-    """The backend called ``name``; a clear error lists the available ones."""
+DEFAULT = "numpy"
+
+
+def get(name: Optional[str] = None) -> Backend:
+    """The backend called ``name`` (None: the default, "numpy"); a clear error lists the available ones."""
+    if name is None:
+        name = DEFAULT
     if not isinstance(name, str) or name not in _BACKENDS:
         raise ValueError(f"unknown backend {name!r}; available backends: {', '.join(sorted(_BACKENDS))}")
     return _BACKENDS[name]

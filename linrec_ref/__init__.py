@@ -12,15 +12,23 @@ GPU library: layout [B, T, H, D], natural-log decays g <= 0, ``scale=None`` -> K
     o, S = linrec_ref.gla(q, k, v, g, form="chunkwise", output_final_state=True)
 
 Entry points: one per op (``linrec_ref.gla``, ``linrec_ref.mamba``, ...), each with ``.vjp``,
-``.step`` and ``.attention_matrix``; the op modules themselves are in ``linrec_ref.ops``. The
-catalogue is ``linrec_ref.registry``; testing tools are ``linrec_ref.testing``.
+``.step`` and ``.attention_matrix``; the op modules themselves are in ``linrec_ref.ops``
+(``linrec_ref.ops.gla.recurrent``). The catalogue is ``linrec_ref.registry``; testing tools are
+``linrec_ref.testing``.
+
+Forms whose memory grows with T^2 (``parallel``, its vjp, ``attention_matrix``) estimate it
+before allocating and raise ``MemoryLimitError`` above ``memory_limit()``: half the physical
+memory by default, or the environment variable LINREC_MEMORY_LIMIT (bytes, or e.g. "64GiB"),
+or ``set_memory_limit(n_bytes)`` (None restores the default).
 """
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import registry  # noqa: E402
-from ._validation import InputError  # noqa: E402
+from typing import Optional  # noqa: E402
+
+from . import ops, registry  # noqa: E402
+from ._validation import InputError, MemoryLimitError, memory_limit, set_memory_limit  # noqa: E402
 
 FORMS = ("recurrent", "parallel", "chunkwise")
 
@@ -28,10 +36,11 @@ FORMS = ("recurrent", "parallel", "chunkwise")
 class Op:
     """Top-level entry point of one op with a backend dispatch point.
 
-    op(*inputs, form="chunkwise", backend="numpy", **kwargs)      -> (o, final_state or None)
-    op.vjp(*inputs, do, form="chunkwise", backend="numpy", ...)   -> {input: gradient}
-    op.step(*token_inputs, state, backend="numpy", ...)           -> (o_t, new_state)
-    op.attention_matrix(...)                                      -> [B, H, T, T]
+    op(*inputs, form="chunkwise", backend=None, **kwargs)      -> (o, final_state or None)
+    op.vjp(*inputs, do, form="chunkwise", backend=None, ...)   -> {input: gradient}
+    op.step(*token_inputs, state, backend=None, ...)           -> (o_t, new_state)
+    op.attention_matrix(...)                                   -> [B, H, T, T]
+    backend=None is the default backend, "numpy" (the reference); see ``linrec_ref.backends``.
     The keyword arguments are those of the form (see ``linrec_ref.ops.<name>``).
     """
 
@@ -53,25 +62,25 @@ class Op:
         except ImportError:  # pragma: no cover
             return Op.__doc__
 
-    def _resolve(self, form: str, backend: str):
+    def _resolve(self, form: str, backend: Optional[str]):
         from . import backends
         base = form[:-4] if form.endswith("_vjp") else form
         if base not in FORMS + ("step", "attention_matrix"):
             raise ValueError(f"{self.name}: unknown form {form!r}; expected one of {', '.join(FORMS)}")
         return backends.get(backend).resolve(self.name, form)
 
-    def __call__(self, *args, form: str = "chunkwise", backend: str = "numpy", **kwargs):
+    def __call__(self, *args, form: str = "chunkwise", backend: Optional[str] = None, **kwargs):
         return self._resolve(form, backend)(*args, **kwargs)
 
-    def vjp(self, *args, form: str = "chunkwise", backend: str = "numpy", **kwargs):
+    def vjp(self, *args, form: str = "chunkwise", backend: Optional[str] = None, **kwargs):
         if form not in FORMS:
             raise ValueError(f"{self.name}: unknown form {form!r}; expected one of {', '.join(FORMS)}")
         return self._resolve(form + "_vjp", backend)(*args, **kwargs)
 
-    def step(self, *args, backend: str = "numpy", **kwargs):
+    def step(self, *args, backend: Optional[str] = None, **kwargs):
         return self._resolve("step", backend)(*args, **kwargs)
 
-    def attention_matrix(self, *args, backend: str = "numpy", **kwargs):
+    def attention_matrix(self, *args, backend: Optional[str] = None, **kwargs):
         return self._resolve("attention_matrix", backend)(*args, **kwargs)
 
     def __getattr__(self, attr: str):
@@ -101,4 +110,5 @@ dplr = Op("dplr")
 rwkv7 = Op("rwkv7")
 softmax_attention = Op("softmax_attention")
 
-__all__ = ["Op", "InputError", "registry", "FORMS"] + list(registry.OP_NAMES)
+__all__ = (["Op", "InputError", "MemoryLimitError", "memory_limit", "set_memory_limit", "ops",
+            "registry", "FORMS"] + list(registry.OP_NAMES))
