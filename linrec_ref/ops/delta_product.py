@@ -139,6 +139,7 @@ SPEC = OpSpec(
     inputs=(Arg("q", "B T H K"), Arg("k", "B T NH H K"), Arg("v", "B T NH HV V"),
             Arg("beta", "B T NH HV"), Arg("g", "B T HV", log_gate=True, optional=True)),
     output="B T HV V",
+    quadratic="B HV T*NH T*NH",  # sub-step x sub-step matrices
     state=(Arg("state", "N HV K V"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.gated_delta_product.chunk_gated_delta_product "

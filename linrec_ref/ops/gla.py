@@ -98,6 +98,7 @@ SPEC = OpSpec(
     inputs=(Arg("q", "BTHK"), Arg("k", "BTHK"), Arg("v", "BTHV"), Arg("g", "BTHK", log_gate=True),
             Arg("gv", "BTHV", log_gate=True, optional=True)),
     output="BTHV",
+    quadratic="B H K T T",  # the per-channel decay masks of the parallel form
     state=(Arg("state", "NHKV"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.gla.chunk_gla (g)", "fla.ops.gla.fused_recurrent_gla (gk=g, gv=gv)"),

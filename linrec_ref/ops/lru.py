@@ -111,6 +111,7 @@ SPEC = OpSpec(
             Arg("Bm", "SP", kind="complex"), Arg("Cm", "QS", kind="complex"),
             Arg("Dm", "QP", optional=True)),
     output="BTQ",
+    quadratic="B T T P",  # the lagged inputs of the Toeplitz product
     state=(Arg("state", "NS", kind="complex"),),
     default_scale=None,
     options={"output": "re"},

@@ -144,6 +144,7 @@ SPEC = OpSpec(
             Arg("Cm", "BTS"), Arg("D", "D", optional=True), Arg("z", "BTD", optional=True),
             Arg("delta_bias", "D", optional=True)),
     output="BTD",
+    quadratic="B D S T T",  # the per-channel, per-state decay masks of the parallel form
     state=(Arg("state", "NDS"),),
     default_scale=None,
     peers=("mamba_ssm.ops.selective_scan_interface.selective_scan_ref",

@@ -107,6 +107,7 @@ SPEC = OpSpec(
     inputs=(Arg("r", "BTHK"), Arg("k", "BTHK"), Arg("v", "BTHV"), Arg("w", "BTHK", log_gate=True),
             Arg("u", "HK")),
     output="BTHV",
+    quadratic="B H K T T",  # the per-channel decay masks of the parallel form
     state=(Arg("state", "NHKV"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.rwkv6.fused_recurrent_rwkv6", "fla.ops.rwkv6.chunk_rwkv6"),
