@@ -2,8 +2,10 @@
 
 Every op module defines one ``SPEC = OpSpec(...)``. The same object drives input validation
 (``_validation``), the generic form wrappers (``_forms``: varlen, initial/final state, gradient
-bookkeeping), the registry (``linrec ops``), the random-input generators of ``linrec_ref.testing``
-and the equivalence matrix of ``linrec check``. Op modules therefore contain only the math.
+bookkeeping), the registry (``linrec ops``) and the equivalence matrix of ``linrec check``. Op
+modules therefore contain only the math, and in a closing section the generator of valid random
+inputs that ``linrec_ref.testing.make_inputs`` calls: ``make_inputs(rng, regime, dims, dtype,
+variant="default") -> dict`` (dims maps dimension names to sizes).
 
 Shapes are written as strings of one-letter dimension names, e.g. ``"BTHK"`` for ``[B, T, H, K]``,
 or, where a name has several letters, as space-separated names, e.g. ``"B T HV V"``. A name
@@ -73,8 +75,6 @@ class OpSpec:
                  the op takes no scale argument.
     options:     keyword options with their defaults (e.g. {"normalize": False}).
     peers:       functions of other libraries that compute the same math.
-    make_inputs: ``make_inputs(rng, regime, dims, dtype, variant="default") -> dict`` of valid
-                 random inputs (see linrec_ref.testing for regimes); dims maps letters to sizes.
     regimes:     the input regimes of numerics.md that apply to this op.
     default_dims: sizes used by ``linrec check`` and the generic tests.
     has_attention_matrix: the parallel form exposes the T x T matrix mapping v to o.
@@ -91,14 +91,14 @@ class OpSpec:
     state: Tuple[Arg, ...]
     default_scale: Optional[Callable[[dict], float]]
     peers: Tuple[str, ...]
-    make_inputs: Callable[..., dict]
     regimes: Tuple[str, ...]
     default_dims: dict
     options: dict = field(default_factory=dict)
     has_attention_matrix: bool = True
     nondifferentiable: Tuple[str, ...] = ()
     forms: Tuple[str, ...] = ("recurrent", "parallel", "chunkwise")
-    # variant name -> options; make_inputs(rng, regime, dims, dtype, variant) builds inputs for it
+    # variant name -> options; the module's make_inputs(rng, regime, dims, dtype, variant) builds
+    # inputs for it
     variants: dict = field(default_factory=lambda: {"default": {}})
     # options -> state Args, for ops whose state depends on an option (e.g. a normaliser that
     # adds a running key sum to the state); None means ``state`` always.

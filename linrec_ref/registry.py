@@ -2,7 +2,9 @@
 
 Each op lives in ``linrec_ref/ops/<name>.py`` and defines ``SPEC`` plus the functions
 ``recurrent``, ``parallel``, ``chunkwise``, ``step``, ``attention_matrix`` (where one exists) and
-the backward of each form, ``recurrent_vjp``, ``parallel_vjp``, ``chunkwise_vjp``.
+the backward of each form, ``recurrent_vjp``, ``parallel_vjp``, ``chunkwise_vjp``; its closing
+section defines ``make_inputs(rng, regime, dims, dtype, variant="default")``, the valid random
+inputs behind ``linrec_ref.testing.make_inputs``.
 """
 from __future__ import annotations
 

@@ -187,7 +187,7 @@ def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int
         raise ValueError(f"{op}: unknown variant {variant!r}; expected one of {list(s.variants)}")
     rng = np.random.default_rng(seed)
     d = default_dims(op, **dims)
-    x = s.make_inputs(rng, regime, d, np.dtype(dtype), variant)
+    x = registry.module(op).make_inputs(rng, regime, d, np.dtype(dtype), variant)
     x.update(s.variants[variant])
     if initial_state:
         x["initial_state"] = random_state(op, d, dtype, rng, options=s.variants[variant])

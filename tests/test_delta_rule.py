@@ -15,8 +15,8 @@ FORWARDS = ("recurrent", "parallel", "chunkwise")
 
 def _inputs(T=13, B=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    x = op.SPEC.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
-                            np.dtype(dtype), variant)
+    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
+                       np.dtype(dtype), variant)
     x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
     x.update(op.SPEC.variants[variant])
     return x

@@ -20,7 +20,7 @@ GRADS = ("q", "k", "v", "a", "b", "w", "initial_state")
 
 def _inputs(T=13, B=2, H=2, K=5, V=4, regime="typical", seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    x = op.SPEC.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(dtype))
+    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(dtype))
     x["initial_state"] = rng.standard_normal((B, H, K, V)).astype(dtype)
     return x
 

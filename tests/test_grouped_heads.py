@@ -13,7 +13,7 @@ GROUPED = OpSpec(
     inputs=(Arg("q", "B T H K"), Arg("k", "B T H K"), Arg("v", "B T HV V"),
             Arg("g", "B T HV", log_gate=True)),
     output="B T HV V", state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: d["K"] ** -0.5, peers=(), make_inputs=None, regimes=(), default_dims={},
+    default_scale=lambda d: d["K"] ** -0.5, peers=(), regimes=(), default_dims={},
 )
 recurrent = forward_form(GROUPED)(simple_gla.recurrent.core)
 chunkwise = forward_form(GROUPED, chunked=True)(simple_gla.chunkwise.core)

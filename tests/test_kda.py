@@ -18,8 +18,8 @@ GRADS = ("q", "k", "v", "g", "beta", "initial_state")
 
 def _inputs(T=13, B=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0, dtype=np.float64):
     rng = np.random.default_rng(seed)
-    x = op.SPEC.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
-                            np.dtype(dtype), variant)
+    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
+                       np.dtype(dtype), variant)
     x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
     x.update(op.SPEC.variants[variant])
     return x
@@ -70,8 +70,8 @@ def test_recurrent_decays_each_channel_first_then_corrects():
 # ----------------------------------------------------------------------------- identity with gated_delta_rule
 def _constant_gate_pair(regime, variant, T=13):
     """(kda inputs with g constant over K, the same inputs for gated_delta_rule)."""
-    x = gated_delta_rule.SPEC.make_inputs(np.random.default_rng(3), regime,
-                                          {"B": 2, "T": T, "H": 1, "HV": 2, "K": 5, "V": 4},
+    x = gated_delta_rule.make_inputs(np.random.default_rng(3), regime,
+                                     {"B": 2, "T": T, "H": 1, "HV": 2, "K": 5, "V": 4},
                                           np.dtype(np.float64), variant)
     x["initial_state"] = np.random.default_rng(4).standard_normal((2, 2, 5, 4))
     x.update(op.SPEC.variants[variant])

@@ -16,7 +16,7 @@ FORMS = ("recurrent", "parallel", "chunkwise")
 
 def _inputs(T=10, B=2, H=2, K=5, V=4, regime="typical", seed=0):
     rng = np.random.default_rng(seed)
-    x = op.SPEC.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(np.float64))
+    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(np.float64))
     x["initial_state"] = rng.standard_normal((B, H, K, V))
     return x
 

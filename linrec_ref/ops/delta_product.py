@@ -144,7 +144,6 @@ SPEC = OpSpec(
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.gated_delta_product.chunk_gated_delta_product "
            "(k, v, beta interleaved [B, T*n_h, ...]: see from_fla_layout)",),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES) + tuple(_delta.BETA_REGIMES),
     default_dims={"B": 2, "NH": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),

@@ -81,7 +81,6 @@ SPEC = OpSpec(
     state=(Arg("state", "N HV K V"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.delta_rule.chunk_delta_rule", "fla.ops.delta_rule.fused_recurrent_delta_rule"),
-    make_inputs=make_inputs,
     regimes=("typical",) + tuple(_delta.BETA_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),

@@ -94,7 +94,6 @@ SPEC = OpSpec(
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.generalized_delta_rule.chunk_dplr_delta_rule (q, k, v, a, b, gk=w)",
            "fla.ops.generalized_delta_rule.fused_recurrent_dplr_delta_rule (q, k, v, a, b, gk=w)"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
 )

@@ -85,7 +85,6 @@ SPEC = OpSpec(
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.gated_delta_rule.chunk_gated_delta_rule",
            "fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES) + tuple(_delta.BETA_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),

@@ -102,7 +102,6 @@ SPEC = OpSpec(
     state=(Arg("state", "NHKV"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.gla.chunk_gla (g)", "fla.ops.gla.fused_recurrent_gla (gk=g, gv=gv)"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
     variants={"default": {}, "value_gate": {}},

@@ -75,7 +75,6 @@ SPEC = OpSpec(
     state=(Arg("state", "ND"),),
     default_scale=None,
     peers=("fla.ops.hgrn.fused_recurrent_hgrn", "fla.ops.hgrn.chunk_hgrn"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "D": 8},
 )

@@ -95,7 +95,6 @@ SPEC = OpSpec(
     state=(Arg("state", "N HV K V"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.kda.chunk_kda", "fla.ops.kda.fused_recurrent_kda"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES) + tuple(_delta.BETA_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),

@@ -117,7 +117,6 @@ SPEC = OpSpec(
     options={"normalize": False},
     peers=("fla.ops.linear_attn.fused_recurrent_linear_attn",
            "fla.ops.linear_attn.chunk_linear_attn"),
-    make_inputs=make_inputs,
     regimes=("typical",),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
     variants={"default": {}, "normalized": {"normalize": True}},

@@ -118,7 +118,6 @@ SPEC = OpSpec(
     peers=("scipy.signal.lfilter([b], [1, -lambda], x) per mode",
            "FFT convolution of x with lru.kernel (numpy.fft)",
            "state-spaces S4D kernel (output='2re')"),
-    make_inputs=make_inputs,
     # hard_reset does not apply: lambda is constant over time, and the shared validator rejects
     # a complex log_lam with real part -inf (lambda = 0 is not representable here).
     regimes=("slow_decay", "typical", "fast_forgetting"),

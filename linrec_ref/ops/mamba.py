@@ -150,7 +150,6 @@ SPEC = OpSpec(
     peers=("mamba_ssm.ops.selective_scan_interface.selective_scan_ref",
            "mamba_ssm.ops.selective_scan_interface.selective_scan_fn",
            "mamba_ssm.ops.triton.selective_state_update.selective_state_update (step)"),
-    make_inputs=make_inputs,
     regimes=tuple(_DECAY_RANGE),
     default_dims={"B": 2, "D": 3, "S": 4},
     options={"delta_softplus": False},

@@ -194,7 +194,6 @@ SPEC = OpSpec(
            "(our f = logsigmoid(its f), eps=0)",
            "mlstm_kernels.torch.parallel.mlstm_parallel__native_autograd",
            "mlstm_kernels.torch.chunkwise.mlstm_chunkwise__native_autograd"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
 )

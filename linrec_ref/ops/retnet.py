@@ -95,7 +95,6 @@ SPEC = OpSpec(
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.retention.chunk_retention", "fla.ops.retention.fused_recurrent_retention",
            "fla.ops.retention.parallel_retention"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
 )

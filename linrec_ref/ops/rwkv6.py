@@ -111,7 +111,6 @@ SPEC = OpSpec(
     state=(Arg("state", "NHKV"),),
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.rwkv6.fused_recurrent_rwkv6", "fla.ops.rwkv6.chunk_rwkv6"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
 )

@@ -74,7 +74,6 @@ SPEC = OpSpec(
     default_scale=lambda d: 1.0,
     peers=("fla.ops.rwkv7.chunk_rwkv7 (r, w as log decay, k, v, a, b; scale 1.0)",
            "fla.ops.rwkv7.fused_recurrent_rwkv7 (same)"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
 )

@@ -68,7 +68,6 @@ SPEC = OpSpec(
     default_scale=lambda d: d["K"] ** -0.5,
     peers=("fla.ops.simple_gla.chunk_simple_gla", "fla.ops.simple_gla.fused_recurrent_simple_gla",
            "mamba_ssm ssd_minimal_discrete (q=C, k=B, v=x*dt, g=A*dt, scale=1)"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
 )

@@ -117,7 +117,6 @@ SPEC = OpSpec(
     peers=("torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
            "fla.ops.forgetting_attn.parallel_forgetting_attn",
            "flash_attn.flash_attn_func(causal=True, window_size=(W - 1, 0))"),
-    make_inputs=make_inputs,
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6, "L": 3},
     options={"window": None},
