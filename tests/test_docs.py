@@ -51,16 +51,16 @@ def text_of(path: Path) -> str:
 # "[docs/numerics.md](docs/numerics.md) hazard 6", "<page>.md §4"; and "section N of <page>.md".
 PAGE = r"(?P<page>[\w./-]*\w)\.md"
 KIND = r"(?P<kind>sections?|hazards?|§)"
-NUMBERS = r"(?P<numbers>\d+(?:\s*(?:,|-|–|and|or|to)\s*\d+)*)"
+NUMBERS = r"(?P<numbers>\d+(?:\s*(?:,|/|-|–|and|or|to)\s*\d+)*)"
 CITATION = re.compile(PAGE + r"(?:\]\([^)\s]*\))?\)?[\s,:(]*" + KIND + r"\s*" + NUMBERS, re.IGNORECASE)
 CITATION_REVERSED = re.compile(r"\b" + KIND + r"\s*" + NUMBERS + r"\s+(?:of|in)\s+(?:\[)?" + PAGE,
                                re.IGNORECASE)
 
 
 def cited_numbers(numbers: str) -> List[int]:
-    """'4' -> [4]; '1 and 2' -> [1, 2]; '6-7' -> [6, 7]; '4, 6-7' -> [4, 6, 7]."""
+    """'4' -> [4]; '1 and 2' -> [1, 2]; '1/2' -> [1, 2]; '6-7' -> [6, 7]; '4, 6-7' -> [4, 6, 7]."""
     out: List[int] = []
-    for part in re.split(r"\s*(?:,|and|or)\s*", numbers):
+    for part in re.split(r"\s*(?:,|/|and|or)\s*", numbers):
         bounds = [int(x) for x in re.split(r"\s*(?:-|–|to)\s*", part) if x]
         out += list(range(bounds[0], bounds[-1] + 1))
     return out
@@ -124,9 +124,18 @@ def test_the_citation_checker_catches_dangling_citations():
     for expected in ("hazard 12", "section 9", "nosuchpage.md", "section 9", "section 5"):
         assert any(expected in b for b in bad), (expected, bad)
     assert len(bad) == 5, bad       # selectivbench.md 7 and 8 exist, 9 does not
-    good = ("numerics.md hazard 2; numerics.md, hazard 1 and 2; recurrences.md sections 1 and 4;\n"
-            "[docs/numerics.md](docs/numerics.md) hazard 6; selectivbench.md sections 6-7")
-    assert list(citations(good)) and dangling_citations(good) == []
+    good = {"numerics.md hazard 2": {("hazard", 2)},
+            "numerics.md, hazard 1 and 2": {("hazard", 1), ("hazard", 2)},
+            "hazard 1/2 in docs/numerics.md": {("hazard", 1), ("hazard", 2)},
+            "[docs/numerics.md](docs/numerics.md) hazard 6": {("hazard", 6)},
+            "recurrences.md sections 1 and 4": {("section", 1), ("section", 4)},
+            "recurrences.md (section 3)": {("section", 3)},
+            "recurrences.md\n    section 2": {("section", 2)},
+            "recurrences.md §4": {("section", 4)},
+            "selectivbench.md sections 6-7": {("section", 6), ("section", 7)}}
+    for text, expected in good.items():
+        assert {(kind, n) for _, kind, n, _ in citations(text)} == expected, text
+        assert dangling_citations(text) == [], text
 
 
 def test_every_cited_section_and_hazard_exists():
