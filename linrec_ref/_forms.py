@@ -394,7 +394,8 @@ def forward_form(spec: OpSpec, *, chunked: bool = False):
             kw = _core_kwargs(spec, p, chunked)
             p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
-                o, ht = _call_forward(spec, core, p, p.inputs, p.initial_state, kw, p.sizes["B"], p.sizes["T"])
+                o, ht = _call_forward(spec, core, p, p.inputs, p.initial_state, kw,
+                                      p.sizes["B"], p.sizes["T"])
             else:
                 o, ht = _forward_varlen(spec, core, p, kw)
             return o, (ht if values["output_final_state"] else None)
@@ -420,7 +421,8 @@ def vjp_form(spec: OpSpec, *, chunked: bool = False):
             given = p.inputs
             p.inputs = _expand_groups(spec, p)
             if p.cu_seqlens is None:
-                grads = _call_vjp(spec, core, p, p.inputs, p.do, p.dht, p.initial_state, kw, p.sizes["T"])
+                grads = _call_vjp(spec, core, p, p.inputs, p.do, p.dht, p.initial_state, kw,
+                                  p.sizes["T"])
             else:
                 grads = _vjp_varlen(spec, core, p, kw)
             grads = _zeros_for_unreached(spec, p.inputs, grads)
@@ -496,7 +498,8 @@ def _forward_varlen(spec: OpSpec, core, p, kw):
     outs, finals = [], []
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
-        o, ht = _call_forward(spec, core, p, _segment_inputs(spec, p.inputs, lo, hi), h0, kw, 1, hi - lo)
+        segment = _segment_inputs(spec, p.inputs, lo, hi)
+        o, ht = _call_forward(spec, core, p, segment, h0, kw, 1, hi - lo)
         outs.append(o)
         finals.append(ht)
     return np.concatenate(outs, axis=1), concat_segment_states(spec, p.state_args, finals)
@@ -511,8 +514,8 @@ def _vjp_varlen(spec: OpSpec, core, p, kw) -> dict:
     for n, lo, hi in _segments(p):
         h0 = tree_map(lambda s: s[n:n + 1], p.initial_state)
         dht = segment_cotangent(spec, p.state_args, tree_map(lambda s: s[n:n + 1], p.dht), L0 + hi - lo)
-        g = _call_vjp(spec, core, p, _segment_inputs(spec, p.inputs, lo, hi), p.do[:, lo:hi], dht, h0,
-                      kw, hi - lo)
+        segment = _segment_inputs(spec, p.inputs, lo, hi)
+        g = _call_vjp(spec, core, p, segment, p.do[:, lo:hi], dht, h0, kw, hi - lo)
         for name in per_token:
             per_token[name].append(g[name])
         for name in shared:

@@ -3,6 +3,10 @@
 Each check raises a ``ValueError`` (or ``TypeError`` for a wrong Python type) whose message names
 the op, the argument, what was expected and what was given. Nothing is broadcast or cast: an input
 of the wrong shape or dtype is an error, never a silent conversion.
+
+The memory limit of the forms whose memory grows with T^2 lives here too (``memory_limit``,
+``set_memory_limit``, the environment variable LINREC_MEMORY_LIMIT); the estimate that is checked
+against it is ``_forms.check_quadratic_memory``.
 """
 from __future__ import annotations
 
@@ -68,9 +72,9 @@ class Binder:
 # ndarray subclasses whose meaning an op would silently drop: a masked array's mask, a matrix's
 # 2-D-only algebra. Other subclasses (np.memmap) are plain memory and are accepted as views.
 _REJECTED_SUBCLASSES = (
-    (np.ma.MaskedArray, "a numpy.ma.MaskedArray (its mask would be ignored); pass x.filled(value) "
-                        "or np.asarray(x.data) explicitly"),
-    (np.matrix, "a numpy.matrix (matrix semantics are not supported); pass np.asarray(x)"),
+    (np.ma.MaskedArray, "a numpy.ma.MaskedArray (its mask would be ignored); "
+                        "pass {name}.filled(value) or np.asarray({name}.data) explicitly"),
+    (np.matrix, "a numpy.matrix (matrix semantics are not supported); pass np.asarray({name})"),
 )
 
 
@@ -79,7 +83,8 @@ def require_ndarray(op: str, name: str, x) -> np.ndarray:
     anything else, masked arrays and matrices included, is a TypeError naming the argument."""
     for cls, why in _REJECTED_SUBCLASSES:
         if isinstance(x, cls):
-            raise TypeError(f"{op}: argument '{name}' is {why}; nothing is converted silently")
+            raise TypeError(f"{op}: argument '{name}' is {why.format(name=name)}; nothing is "
+                            "converted silently")
     if not isinstance(x, np.ndarray):
         raise TypeError(
             f"{op}: argument '{name}' must be a numpy.ndarray, got {type(x).__name__} "
@@ -322,9 +327,11 @@ def set_memory_limit(n_bytes) -> None:
     if isinstance(n_bytes, str):
         _memory_limit = parse_bytes(n_bytes, "set_memory_limit: argument 'n_bytes'")
         return
-    if isinstance(n_bytes, (bool, np.bool_)) or not isinstance(n_bytes, numbers.Integral) or n_bytes < 1:
-        raise TypeError(f"set_memory_limit: argument 'n_bytes' must be a positive int, a string such "
-                        f"as '64GiB', or None (the default), got {n_bytes!r}")
+    if isinstance(n_bytes, (bool, np.bool_)) or not isinstance(n_bytes, numbers.Integral):
+        raise TypeError(f"set_memory_limit: argument 'n_bytes' must be an int, a string such as "
+                        f"'64GiB', or None (the default), got {type(n_bytes).__name__}")
+    if n_bytes < 1:
+        raise InputError(f"set_memory_limit: argument 'n_bytes' must be >= 1, got {n_bytes}")
     _memory_limit = int(n_bytes)
 
 

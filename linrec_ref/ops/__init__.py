@@ -11,7 +11,8 @@ from ..registry import OP_NAMES as _OP_NAMES
 def __getattr__(name: str):
     if name in _OP_NAMES:
         return _importlib.import_module(f"{__name__}.{name}")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; the ops are: {', '.join(_OP_NAMES)}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}; "
+                         f"the ops are: {', '.join(_OP_NAMES)}")
 
 
 def __dir__():
