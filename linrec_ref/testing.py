@@ -11,7 +11,7 @@ The pass rule of a tier is elementwise:  |actual - ref| <= rtol * |ref| + atol *
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Optional, Sequence
+from typing import Callable, Dict, Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -41,16 +41,31 @@ def tier_for(dtype) -> str:
     return "float64" if np.dtype(dtype) in (np.float64, np.complex128) else "float32"
 
 
+class NonFinite(NamedTuple):
+    """The non-finite entries (NaN, +inf, -inf) of one side of a comparison."""
+
+    count: int = 0
+    first: str = ""      # where the first one is, e.g. "dq[0, 3, 1]" ("" when count == 0)
+
+    def __str__(self) -> str:
+        return f"{self.count} (first at {self.first})" if self.count else "0"
+
+
 @dataclass
 class Comparison:
     """The measured error of one comparison, next to its tolerance.
 
+    The statistics are taken over the entries where both arrays are finite:
     max_abs:   max |actual - ref|
     max_rel:   max |actual - ref| / max |ref|  (normwise relative error; what reports quote)
     max_elem_rel: max over entries of |actual - ref| / |ref| where |ref| > atol * max|ref|
     max_ref:   max |ref|
     rms_ratio: rms(actual - ref) / rms(ref)  (the "error ratio" other libraries report)
-    ok:        the tier's elementwise pass rule holds everywhere
+    actual_nonfinite, reference_nonfinite: how many NaN / +-inf entries each side holds, and the
+               first one's place
+    ok:        the tier's elementwise pass rule holds at every entry where both are finite, and
+               every non-finite entry of either side is the same non-finite value (NaN, +inf or
+               -inf) at the same place in the other; any other NaN or inf fails
     """
 
     name: str
@@ -61,13 +76,19 @@ class Comparison:
     rms_ratio: float
     tolerance: Tolerance
     ok: bool
+    actual_nonfinite: NonFinite = NonFinite()
+    reference_nonfinite: NonFinite = NonFinite()
 
     def __str__(self) -> str:
         status = "ok" if self.ok else "FAIL"
+        nonfinite = ""
+        if self.actual_nonfinite.count or self.reference_nonfinite.count:
+            nonfinite = (f" non-finite: actual {self.actual_nonfinite}, reference "
+                         f"{self.reference_nonfinite}; statistics over the finite entries")
         return (f"{self.name}: max_abs={self.max_abs:.3e} max_rel={self.max_rel:.3e} "
                 f"elem_rel={self.max_elem_rel:.3e} max|ref|={self.max_ref:.3e} "
                 f"rms_ratio={self.rms_ratio:.3e} (rtol={self.tolerance.rtol:g}, "
-                f"atol={self.tolerance.atol:g}*max|ref|) {status}")
+                f"atol={self.tolerance.atol:g}*max|ref|){nonfinite} {status}")
 
 
 def leaves(x, prefix=""):
@@ -82,6 +103,40 @@ def leaves(x, prefix=""):
         yield prefix, np.asarray(x)
 
 
+def tolerance(tier) -> Tolerance:
+    """The Tolerance of a tier name ("float64", "float32", "fd"); a Tolerance passes through."""
+    if isinstance(tier, Tolerance):
+        return tier
+    if tier not in TOLERANCES:
+        raise ValueError(f"testing: unknown tolerance tier {tier!r}; expected one of "
+                         f"{', '.join(repr(t) for t in TOLERANCES)} or a testing.Tolerance")
+    return TOLERANCES[tier]
+
+
+def _place(name: str, leaf: str) -> str:
+    """The name of one leaf of a compared value: "o[1]" for tuples, "grads.dq" for dicts."""
+    return f"{name}{leaf}" if not leaf or leaf.startswith("[") else f"{name}.{leaf}"
+
+
+def _nonfinite(x: np.ndarray, leaf: str) -> NonFinite:
+    """Count and first place of the non-finite entries of one leaf."""
+    bad = ~np.isfinite(x)
+    if not bad.any():
+        return NonFinite()
+    first = np.unravel_index(int(np.argmax(bad)), x.shape)
+    return NonFinite(int(bad.sum()), f"{leaf}[{', '.join(str(int(j)) for j in first)}]")
+
+
+def _same_nonfinite(a: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """Entrywise: a and r are the same value or both NaN (in each part of a complex number)."""
+    parts = (np.real, np.imag) if np.iscomplexobj(a) else (lambda x: x,)
+    same = np.ones(a.shape, bool)
+    for part in parts:
+        pa, pr = part(a), part(r)
+        same &= (pa == pr) | (np.isnan(pa) & np.isnan(pr))
+    return same
+
+
 def compare(actual, reference, tier: str = "float64", name: str = "value",
             zero_scale: Optional[float] = None) -> Comparison:
     """Measure the error of ``actual`` against ``reference`` (arrays, tuples or dicts of arrays).
@@ -89,33 +144,45 @@ def compare(actual, reference, tier: str = "float64", name: str = "value",
     Shapes must match exactly (no broadcasting). Several leaves are judged jointly: the
     reported numbers are the worst over leaves, and max|ref| is taken per leaf.
 
+    Non-finite entries: the statistics are taken over the entries where both sides are finite,
+    and the count and first place of the NaN / inf entries of each side are reported. A
+    non-finite entry passes only where the other side holds the same non-finite value (NaN and
+    NaN, +inf and +inf, -inf and -inf), e.g. a -inf gate passed through unchanged; NaN or inf
+    against a finite value fails, and so does a reference with NaN where the result is finite.
+
     Numerically zero leaves: a leaf whose max|ref| is below the tier's absolute floor of the
     joint scale (atol * the largest max|ref| over all leaves, or ``zero_scale`` when that is
     larger, e.g. the largest gradient of the same call) is a quantity that vanishes in theory
     and holds only rounding noise; it is judged at that floor instead of relative to itself.
     """
-    tol = TOLERANCES[tier] if isinstance(tier, str) else tier
+    tol = tolerance(tier)
     pairs_a, pairs_r = list(leaves(actual)), list(leaves(reference))
     if [n for n, _ in pairs_a] != [n for n, _ in pairs_r]:
         raise ValueError(f"{name}: structures differ: {[n for n, _ in pairs_a]} vs {[n for n, _ in pairs_r]}")
+    for (leaf, a), (_, r) in zip(pairs_a, pairs_r):
+        if a.shape != r.shape:
+            raise ValueError(f"{_place(name, leaf)}: shape {a.shape} differs from the reference's {r.shape}")
     worst = dict(max_abs=0.0, max_rel=0.0, max_elem_rel=0.0, max_ref=0.0, rms_ratio=0.0)
     ok = True
-    joint_max = max([float(np.abs(r).max()) for _, r in pairs_r if r.size and np.isfinite(r).all()] + [0.0])
+    nonfinite = {"actual": NonFinite(), "reference": NonFinite()}
+    finite_mags = [np.abs(r[np.isfinite(r)]) for _, r in pairs_r]
+    joint_max = max([float(m.max()) for m in finite_mags if m.size] + [0.0])
     if zero_scale is not None:
         joint_max = max(joint_max, float(zero_scale))
     for (leaf, a), (_, r) in zip(pairs_a, pairs_r):
-        if a.shape != r.shape:
-            raise ValueError(f"{name}{leaf}: shape {a.shape} differs from the reference's {r.shape}")
         if a.size == 0:
             continue
         a64 = a.astype(np.complex128 if np.iscomplexobj(a) or np.iscomplexobj(r) else np.float64)
         r64 = r.astype(a64.dtype)
-        if not np.isfinite(a64).all():
-            ok = False
-            worst["max_abs"] = worst["max_rel"] = float("inf")
+        for side, x in (("actual", a64), ("reference", r64)):
+            found = _nonfinite(x, _place(name, leaf))
+            nonfinite[side] = NonFinite(nonfinite[side].count + found.count, nonfinite[side].first or found.first)
+        finite = np.isfinite(a64) & np.isfinite(r64)
+        ok &= bool(_same_nonfinite(a64[~finite], r64[~finite]).all())
+        if not finite.any():
             continue
-        err = np.abs(a64 - r64)
-        mag = np.abs(r64)
+        err = np.abs(a64[finite] - r64[finite])                      # [n_finite]
+        mag = np.abs(r64[finite])                                    # [n_finite]
         max_ref = float(mag.max())
         if max_ref <= tol.atol * joint_max:  # numerically zero: judge on the joint scale
             max_ref = joint_max
@@ -129,7 +196,8 @@ def compare(actual, reference, tier: str = "float64", name: str = "value",
         worst["max_ref"] = max(worst["max_ref"], max_ref)
         worst["rms_ratio"] = max(worst["rms_ratio"],
                                  float(np.sqrt(np.mean(err ** 2))) / rms_ref if rms_ref > 0 else float(err.max()))
-    return Comparison(name=name, tolerance=tol, ok=ok, **worst)
+    return Comparison(name=name, tolerance=tol, ok=ok, actual_nonfinite=nonfinite["actual"],
+                      reference_nonfinite=nonfinite["reference"], **worst)
 
 
 def assert_close(actual, reference, tier: str = "float64", name: str = "value") -> Comparison:

@@ -22,6 +22,47 @@ def test_compare_rejects_broadcasting_and_nan():
     assert not testing.compare(np.array([np.nan, 1.0]), np.array([0.0, 1.0])).ok
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("side", ["actual", "reference"])
+def test_compare_reports_nonfinite_entries_and_the_finite_statistics(bad, side):
+    """A NaN / inf on either side fails, is counted with its first place, and the statistics
+    stay those of the finite entries (they used to read 0 or inf)."""
+    ref = np.array([[1.0, -2.0], [4.0, 3.0]])
+    got = ref + np.array([[0.0, 1e-3], [0.0, 0.0]])
+    poisoned = got.copy() if side == "actual" else ref.copy()
+    poisoned[1, 1] = bad
+    c = testing.compare(*((poisoned, ref) if side == "actual" else (got, poisoned)), "float32", name="o")
+    assert not c.ok
+    counted = c.actual_nonfinite if side == "actual" else c.reference_nonfinite
+    other = c.reference_nonfinite if side == "actual" else c.actual_nonfinite
+    assert counted == testing.NonFinite(1, "o[1, 1]") and other.count == 0
+    assert c.max_abs == pytest.approx(1e-3) and c.max_ref == 4.0 and c.max_rel == pytest.approx(2.5e-4)
+    assert c.rms_ratio == pytest.approx(np.sqrt(1e-6 / 3) / np.sqrt(21 / 3))
+    assert f"{side} 1 (first at o[1, 1])" in str(c) and str(c).endswith("FAIL")
+
+
+def test_compare_passes_the_same_nonfinite_value_at_the_same_place_only():
+    ref = {"g": np.array([-np.inf, -0.5, np.nan]), "o": np.array([np.inf, 2.0])}
+    assert testing.compare({"g": ref["g"].copy(), "o": ref["o"].copy()}, ref).ok
+    c = testing.compare({"g": np.array([-np.inf, -0.5, np.nan]), "o": np.array([-np.inf, 2.0])}, ref)
+    assert not c.ok and c.actual_nonfinite == testing.NonFinite(3, "value.g[0]")  # +inf vs -inf
+    assert not testing.compare({"g": np.array([-0.5, -np.inf, np.nan]), "o": ref["o"]}, ref).ok  # moved
+    z = np.array([1 + 1j, complex(np.inf, 0.0)])
+    assert testing.compare(z.copy(), z).ok
+    assert not testing.compare(np.array([1 + 1j, complex(np.inf, 1.0)]), z).ok
+    # a mismatch in one leaf is not hidden by the other leaf being fine
+    assert not testing.compare({"g": ref["g"], "o": np.array([np.nan, 2.0])}, ref).ok
+
+
+def test_an_unknown_tier_names_the_valid_tiers():
+    with pytest.raises(ValueError, match=r"unknown tolerance tier 'float16'; expected one of "
+                                         r"'float64', 'float32', 'fd'"):
+        testing.compare(np.zeros(2), np.zeros(2), "float16")
+    with pytest.raises(ValueError, match="unknown tolerance tier"):
+        testing.assert_close(np.zeros(2), np.zeros(2), tier="f32")
+    assert testing.compare(np.zeros(2), np.zeros(2), testing.Tolerance(0.0, 0.0, "exact")).ok
+
+
 def test_rms_ratio_matches_definition():
     rng = np.random.default_rng(0)
     ref = rng.standard_normal(100)
