@@ -37,7 +37,7 @@ import functools
 import inspect
 import math
 from types import SimpleNamespace
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, NamedTuple, Optional, Sequence
 
 import numpy as np
 
@@ -328,9 +328,10 @@ _VJP_DOC = """
 # ---------------------------------------------------------------------------- quadratic memory
 QUADRATIC_FORMS = ("parallel", "parallel_vjp", "attention_matrix")
 # A quadratic form holds a few arrays of its largest size at once (decay masks, scores and their
-# cotangents): the estimate counts this many. Measured peaks over the 16 ops, in units of the
-# largest array: 1.1-6.8 forward and attention_matrix, 3.0-11.4 backward.
-ARRAYS_AT_ONCE = {"parallel": 4, "parallel_vjp": 8, "attention_matrix": 4}
+# cotangents): the estimate counts this many. Measured peaks over the 16 ops at T = 128 and 256,
+# in units of the largest array: 1.1-7.4 parallel, 3.0-13.0 parallel_vjp, 1.3-8.7 attention_matrix
+# (tests/test_memory_guard.py keeps every op within twice its estimate).
+ARRAYS_AT_ONCE = {"parallel": 4, "parallel_vjp": 8, "attention_matrix": 6}
 
 
 def shape_of(dims: Sequence[str], sizes: Dict[str, int]) -> tuple:
@@ -348,31 +349,49 @@ def quadratic_dims(spec: OpSpec, sizes: Dict[str, int]) -> tuple:
     return parse_dims(spec.quadratic) if spec.quadratic else ("B",) + _channel_axis(sizes) + ("T", "T")
 
 
+class QuadraticEstimate(NamedTuple):
+    """The memory estimate of a quadratic form: ``copies`` arrays of the largest intermediate."""
+
+    dims: tuple          # e.g. ("B", "D", "S", "T", "T")
+    shape: tuple         # their sizes
+    dtype: np.dtype
+    largest: int         # bytes of one such array
+    copies: int          # ARRAYS_AT_ONCE[form]
+    total: int           # copies * largest
+
+
+def estimate_quadratic_memory(spec: OpSpec, sizes: Dict[str, int], dtype, form_name: str
+                              ) -> QuadraticEstimate:
+    """The estimate for one core call at ``sizes``: ARRAYS_AT_ONCE[form_name] arrays of the
+    op's largest T^2 intermediate (OpSpec.quadratic) in the working dtype."""
+    dims = quadratic_dims(spec, sizes)
+    shape = shape_of(dims, sizes)
+    dtype = np.dtype(dtype)  # the working (real) dtype: quadratic intermediates are real in every op
+    largest = math.prod(shape) * dtype.itemsize
+    copies = ARRAYS_AT_ONCE[form_name]
+    return QuadraticEstimate(dims, shape, dtype, largest, copies, copies * largest)
+
+
 def check_quadratic_memory(spec: OpSpec, p, form_name: str) -> None:
-    """Refuse, before anything is allocated, a quadratic form whose estimated memory exceeds
-    ``linrec_ref.memory_limit()``. The estimate: ARRAYS_AT_ONCE arrays of the op's largest T^2
-    intermediate (OpSpec.quadratic) at the sizes one core call sees (with cu_seqlens: B = 1 and
-    the longest segment's T). Raises ``MemoryLimitError`` naming the estimate, the limit, how to
-    raise it and the cheaper form."""
+    """Refuse, before anything is allocated, a quadratic form whose estimated memory (at the
+    sizes one core call sees; with cu_seqlens: B = 1 and the longest segment's T) exceeds
+    ``linrec_ref.memory_limit()``. Raises ``MemoryLimitError`` naming the estimate, the limit,
+    how to raise it and the cheaper form."""
     sizes = dict(p.sizes)
     if getattr(p, "cu_seqlens", None) is not None:
         sizes.update(B=1, T=int(np.diff(p.cu_seqlens).max()))
-    dims = quadratic_dims(spec, sizes)
-    shape = shape_of(dims, sizes)
-    dtype = p.dtype  # the working (real) dtype: quadratic intermediates are real in every op
-    largest = math.prod(shape) * dtype.itemsize
-    copies = ARRAYS_AT_ONCE[form_name]
-    estimate, limit = copies * largest, V.memory_limit()
-    if estimate <= limit:
+    e = estimate_quadratic_memory(spec, sizes, p.dtype, form_name)
+    limit = V.memory_limit()
+    if e.total <= limit:
         return
     cheaper = ("It is a T x T matrix: compute it for a shorter T"
                if form_name == "attention_matrix" else
                "Use form='chunkwise' or 'recurrent' (memory linear in T)")
     raise V.MemoryLimitError(
-        f"{spec.name}.{form_name} needs an estimated {V.format_bytes(estimate)} "
-        f"({copies} arrays the size of its largest intermediate, [{', '.join(dims)}] = "
-        f"[{', '.join(map(str, shape))}] {dtype}, {V.format_bytes(largest)} each), above the "
-        f"memory limit of {V.format_bytes(limit)}. {cheaper}, or raise the limit with "
+        f"{spec.name}.{form_name} needs an estimated {V.format_bytes(e.total)} "
+        f"({e.copies} arrays the size of its largest intermediate, [{', '.join(e.dims)}] = "
+        f"[{', '.join(map(str, e.shape))}] {e.dtype}, {V.format_bytes(e.largest)} each), above "
+        f"the memory limit of {V.format_bytes(limit)}. {cheaper}, or raise the limit with "
         f"linrec_ref.set_memory_limit(n_bytes) or the environment variable {V.MEMORY_LIMIT_ENV} "
         f"(e.g. {V.MEMORY_LIMIT_ENV}=64GiB)."
     )
