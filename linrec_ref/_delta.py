@@ -1,6 +1,6 @@
-r"""Machinery shared by the delta-rule ops (delta_rule, gated_delta_rule, kda): the scalar-gate
-recurrence and its adjoint, and the chunkwise UT/WY transform with one triangular solve per chunk
-for a scalar or a per-key-channel gate.
+r"""The UT/WY chunk machinery of the delta-rule ops (delta_rule, gated_delta_rule, kda, and
+delta_product through gated_delta_rule): the chunkwise form with one triangular solve per chunk
+for a scalar or a per-key-channel gate, its backward, and the attention matrix.
 
 The chunk machinery is written for the per-channel rule (kda; decay first, then the delta step):
 
@@ -11,12 +11,13 @@ The chunk machinery is written for the per-channel rule (kda; decay first, then 
 
 A scalar gate g_t (gated_delta_rule; [B, T, H]) is the per-channel gate constant over K: the
 chunk functions give it a channel axis of size 1 that broadcasts over K, and return its
-gradient summed over K. The plain delta rule
-is g = 0 (a = 1, exactly). ``recurrent`` / ``step`` / ``recurrent_vjp`` here are the scalar-gate
-loops (gated_delta_rule's ground truth); kda keeps its own loop in ``ops/kda.py``, so that the
-identity "kda with a gate constant over K equals gated_delta_rule" compares two independent
-loops. Cores take processed inputs: keys and queries already l2-normalised if the op asks for
-it, beta already through its activation (see ``prepare`` / ``prepare_vjp``).
+gradient summed over K. The plain delta rule is g = 0 (a = 1, exactly). The recurrences
+themselves (the ground truth) live in the op modules: the scalar-gate loop in
+``ops/gated_delta_rule.py`` (also delta_rule's, with g = 0) and kda's own loop in ``ops/kda.py``,
+so that the identity "kda with a gate constant over K equals gated_delta_rule" compares two
+independent loops. The functions here take mapped inputs: keys and queries already
+l2-normalised if the op asks for it, beta already through its activation
+(``gated_delta_rule.prepare`` / ``pull_back``).
 
 Derivation of the chunkwise form (from the recurrence, not from a paper)
 ------------------------------------------------------------------------
@@ -83,140 +84,13 @@ exponentially; use ``use_qk_l2norm_in_kernel=True`` for raw keys.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
-from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, segsum, sigmoid, split_diagonal, to_chunks
-from ._validation import InputError
-
-L2NORM_EPS = 1e-6
-BETA_ACTIVATIONS = ("none", "sigmoid")
-
-
-# ----------------------------------------------------------------------------- input maps
-def l2norm(x):
-    """x / sqrt(sum(x^2) + 1e-6) over the last axis (the fla convention)."""
-    return x / np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
-
-
-def l2norm_vjp(x, dy):
-    """Gradient of ``l2norm`` at x: dx = (dy - y (y . dy)) / n with n = sqrt(|x|^2 + eps)."""
-    n = np.sqrt(np.sum(x * x, axis=-1, keepdims=True) + L2NORM_EPS)
-    y = x / n
-    return (dy - y * np.sum(y * dy, axis=-1, keepdims=True)) / n
-
-
-def check_options(op, use_qk_l2norm_in_kernel, beta_activation):
-    if not isinstance(use_qk_l2norm_in_kernel, (bool, np.bool_)):
-        raise TypeError(f"{op}: option 'use_qk_l2norm_in_kernel' must be True or False, "
-                        f"got {use_qk_l2norm_in_kernel!r}")
-    if beta_activation not in BETA_ACTIVATIONS:
-        raise InputError(f"{op}: option 'beta_activation' must be one of {BETA_ACTIVATIONS} ('none': "
-                         f"beta is the write strength in [0, 2]; 'sigmoid': raw logits), got {beta_activation!r}")
-
-
-def prepare(op, q, k, beta, use_qk_l2norm_in_kernel, beta_activation):
-    """Apply the op's input maps: (q, k, beta) -> (q', k', beta') as the recurrence uses them.
-
-    Checks the options, and with beta_activation="none" that beta lies in [0, 2].
-    """
-    check_options(op, use_qk_l2norm_in_kernel, beta_activation)
-    if beta_activation == "none":
-        bad = (beta < 0) | (beta > 2)
-        if bad.any():
-            i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), bad.shape))
-            raise InputError(
-                f"{op}: argument 'beta' must lie in [0, 2] with beta_activation='none' (beta is the "
-                f"write strength after its activation; I - beta k k^T is a contraction for unit keys "
-                f"only when 0 <= beta <= 2); got {beta[i]!r} at index {i}. Pass "
-                "beta_activation='sigmoid' for raw logits.")
-        b = beta
-    else:
-        b = sigmoid(beta)
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q), l2norm(k)
-    return q, k, b
-
-
-def prepare_vjp(q, k, beta, grads, use_qk_l2norm_in_kernel, beta_activation):
-    """Pull the gradients w.r.t. (q', k', beta') back to the raw (q, k, beta). In place on grads."""
-    if use_qk_l2norm_in_kernel:
-        grads["q"] = l2norm_vjp(q, grads["q"])
-        grads["k"] = l2norm_vjp(k, grads["k"])
-    if beta_activation == "sigmoid":
-        b = sigmoid(beta)
-        grads["beta"] = grads["beta"] * b * (1 - b)
-    return grads
-
-
-# ----------------------------------------------------------------------------- recurrent (scalar gate)
-def _advance(k, v, beta, g):
-    """One step S_{t-1} -> S_t as a function of (S, t). k: [B, T, H, K]; v: [B, T, H, V]."""
-    a = np.exp(g)                                                   # [B, T, H]
-
-    def advance(S, t):
-        S_dec = a[:, t, :, None, None] * S                          # [B, H, K, V]  S'
-        read = (k[:, t, :, None, :] @ S_dec)[:, :, 0, :]            # [B, H, V]     S'^T k
-        delta = beta[:, t, :, None] * (v[:, t] - read)              # [B, H, V]
-        return S_dec + k[:, t, :, :, None] * delta[:, :, None, :]   # [B, H, K, V]
-
-    return advance
-
-
-def recurrent(q, k, v, beta, g, scale, initial_state):
-    """The loop over t (ground truth). q, k: [B, T, H, K]; v: [B, T, H, V]; beta, g: [B, T, H]."""
-    advance = _advance(k, v, beta, g)
-    S = initial_state                                               # [B, H, K, V]
-    o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
-    for t in range(q.shape[1]):
-        S = advance(S, t)
-        o[:, t] = scale * (q[:, t, :, None, :] @ S)[:, :, 0, :]     # [B, H, V]
-    return o, S
-
-
-def step(q, k, v, beta, g, state, scale):
-    """One token: q, k: [B, H, K]; v: [B, H, V]; beta, g: [B, H]; state: [B, H, K, V]."""
-    S_dec = np.exp(g)[:, :, None, None] * state                     # [B, H, K, V]
-    read = (k[:, :, None, :] @ S_dec)[:, :, 0, :]                   # [B, H, V]
-    delta = beta[:, :, None] * (v - read)                           # [B, H, V]
-    S = S_dec + k[:, :, :, None] * delta[:, :, None, :]             # [B, H, K, V]
-    o = scale * (q[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]
-    return o, S
-
-
-def recurrent_vjp(q, k, v, beta, g, do, dht, scale, initial_state):
-    """Direct adjoint of the loop, walking t = T-1 .. 0 (ground-truth backward).
-
-    Per step, with S' = a S_{t-1}, r = S'^T k, delta = beta (v - r), S_t = S' + k delta^T:
-        dS_t += scale q_t do_t^T;  dq_t = scale S_t do_t
-        dk_t = dS_t delta + S' dr,   ddelta = dS_t^T k,   dr = -beta ddelta
-        dbeta_t = ddelta . (v - r),  dv_t = beta ddelta
-        dS' = dS_t + k dr^T,   dg_t = <dS', S'>,   dS_{t-1} = a_t dS'.
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
-    """
-    a = np.exp(g)                                                   # [B, T, H]
-    dq, dk, dv, dbeta, dg = (np.zeros_like(x) for x in (q, k, v, beta, g))
-    dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
-        kt, bt = k[:, t], beta[:, t, :, None]                       # [B, H, K], [B, H, 1]
-        dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
-        dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
-        S_dec = a[:, t, :, None, None] * S_prev                        # [B, H, K, V]
-        resid = v[:, t] - (kt[:, :, None, :] @ S_dec)[:, :, 0, :]      # [B, H, V]  v - r
-        delta = bt * resid                                             # [B, H, V]
-        ddelta = (kt[:, :, None, :] @ dS)[:, :, 0, :]                  # [B, H, V]
-        dr = -bt * ddelta                                              # [B, H, V]
-        dbeta[:, t] = np.sum(ddelta * resid, axis=-1)                  # [B, H]
-        dv[:, t] = bt * ddelta
-        dk[:, t] = (dS @ delta[..., None])[..., 0] + (S_dec @ dr[..., None])[..., 0]
-        dS_dec = dS + kt[..., None] * dr[:, :, None, :]                # [B, H, K, V]
-        dg[:, t] = np.sum(dS_dec * S_dec, axis=(-2, -1))               # a <dS', S_{t-1}>
-        dS = a[:, t, :, None, None] * dS_dec                           # to S_{t-1}
-
-    reverse_sweep(_advance(k, v, beta, g), initial_state, q.shape[1], visit)
-    return {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "initial_state": dS}
+from ._decay import (ChunkDecay, chunk_decay, decayed_mix, decayed_mix_t, decayed_scores,
+                     reverse_cumsum_in_chunks)
+from ._scan import from_chunks, reverse_chunk_carry, segsum, split_diagonal, to_chunks
 
 
 # ----------------------------------------------------------------------------- UT transform
@@ -251,11 +125,28 @@ def _chunk_decays(g, k, C, fast_bound):
     return chunk_decay(to_chunks(g, C), strict=False, fast_bound=fast_bound)
 
 
-def _ut_parts(k, v, beta, g, C, fast_bound=None):
+class UTParts(NamedTuple):
+    """Steps 1-3 of the chunkwise form for every chunk (no state involved); arrays [B, H, N, ...]."""
+
+    kc: np.ndarray          # [B, H, N, C, K]  keys of each chunk
+    vc: np.ndarray          # [B, H, N, C, V]  values
+    bc: np.ndarray          # [B, H, N, C]     beta
+    decay: ChunkDecay       # per-channel decays from the chunk start (K or 1 channels)
+    KKD: np.ndarray         # [B, H, N, C, C]  tril(<k_t, k_s>_D, -1)
+    A_inv: np.ndarray       # [B, H, N, C, C]  A^{-1}, A = I + diag(beta) KKD
+    T_mat: np.ndarray       # [B, H, N, C, C]  A^{-1} diag(beta)
+    gamma_k: np.ndarray     # [B, H, N, C, K]  Gamma_t * k_t
+    u: np.ndarray           # [B, H, N, C, V]  T_mat V
+    w: np.ndarray           # [B, H, N, C, K]  T_mat (Gamma * K)
+    k_end: np.ndarray       # [B, H, N, C, K]  e^{G_C - G_s} k_s
+    P: np.ndarray           # [B, H, N, K, K]  the chunk's transition diag(Gamma_C) - K_end^T w
+    U: np.ndarray           # [B, H, N, K, V]  the chunk's input K_end^T u
+
+
+def _ut_parts(k, v, beta, g, C, fast_bound=None) -> UTParts:
     """Steps 1-3 of the chunkwise form (no state involved): everything per chunk.
 
-    k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or [B, T, H, K]. Returns a
-    dict of chunked arrays ([B, H, N, C, ...]); see ``chunk_intermediates`` for their meaning.
+    k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]; g: [B, T, H] or [B, T, H, K].
     """
     kc, vc = to_chunks(k, C), to_chunks(v, C)                       # [B, H, N, C, K|V]
     bc = to_chunks(beta, C)                                         # [B, H, N, C]
@@ -268,20 +159,20 @@ def _ut_parts(k, v, beta, g, C, fast_bound=None):
     A_inv = solve_unit_lower(L, eye)                                # [B, H, N, C, C]  the one solve
     T_mat = A_inv * bc[..., None, :]                                # [B, H, N, C, C]
     # 3. WY factors: u = T_mat V, w = T_mat (Gamma * K); chunk transition P and input U
-    gk = decay.exp_Gq * kc                                          # [B, H, N, C, K]  Gamma_t * k_t
+    gamma_k = decay.exp_Gq * kc                                     # [B, H, N, C, K]  Gamma_t * k_t
     u = T_mat @ vc                                                  # [B, H, N, C, V]
-    w = T_mat @ gk                                                  # [B, H, N, C, K]
+    w = T_mat @ gamma_k                                             # [B, H, N, C, K]
     k_end = kc * decay.to_end                                       # [B, H, N, C, K]  e^{G_C - G_s} k_s
     P = decay.total[..., :, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
         - k_end.swapaxes(-1, -2) @ w                                # [B, H, N, K, K]
     U = k_end.swapaxes(-1, -2) @ u                                  # [B, H, N, K, V]
-    return dict(kc=kc, vc=vc, bc=bc, decay=decay, KKD=KKD, A_inv=A_inv, T_mat=T_mat, gk=gk,
-                u=u, w=w, k_end=k_end, P=P, U=U)
+    return UTParts(kc=kc, vc=vc, bc=bc, decay=decay, KKD=KKD, A_inv=A_inv, T_mat=T_mat,
+                   gamma_k=gamma_k, u=u, w=w, k_end=k_end, P=P, U=U)
 
 
-def _carry(parts, initial_state):
+def _carry(parts: UTParts, initial_state):
     """Step 4: S_end = P S_in + U chunk after chunk; returns (S_in per chunk, final state)."""
-    P, U = parts["P"], parts["U"]
+    P, U = parts.P, parts.U
     S_in = np.empty(U.shape, dtype=U.dtype)                         # [B, H, N, K, V]
     S = initial_state                                               # [B, H, K, V]
     for n in range(U.shape[2]):
@@ -310,9 +201,9 @@ def chunk_intermediates(k, v, beta, g, initial_state, chunk_size, fast_bound=Non
     """
     parts = _ut_parts(k, v, beta, g, chunk_size, fast_bound)
     S_in, S_T = _carry(parts, initial_state)
-    v_new = parts["u"] - parts["w"] @ S_in                          # [B, H, N, C, V]
-    out = {"S_in": S_in, "T_mat": parts["T_mat"], "A_inv": parts["A_inv"], "w": parts["w"],
-           "u": parts["u"], "v_new": v_new, "gamma": parts["decay"].exp_Gq, "final_state": S_T}
+    v_new = parts.u - parts.w @ S_in                                # [B, H, N, C, V]
+    out = {"S_in": S_in, "T_mat": parts.T_mat, "A_inv": parts.A_inv, "w": parts.w,
+           "u": parts.u, "v_new": v_new, "gamma": parts.decay.exp_Gq, "final_state": S_T}
     if _is_scalar_gate(g, k):
         out["gamma"] = out["gamma"][..., 0]                         # [B, H, N, C] (from [.., C, 1])
         out["D"] = np.exp(segsum(to_chunks(g, chunk_size)))         # [B, H, N, C, C]
@@ -331,10 +222,10 @@ def chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size, fast_bound=Non
     C = max(1, min(chunk_size, q.shape[1]))                         # one chunk covers T <= C
     parts = _ut_parts(k, v, beta, g, C, fast_bound)                 # 1.-3.
     S_in, S_T = _carry(parts, initial_state)                        # 4.
-    delta = parts["u"] - parts["w"] @ S_in                          # 5. [B, H, N, C, V]
+    delta = parts.u - parts.w @ S_in                                # 5. [B, H, N, C, V]
     qc = to_chunks(q, C)                                            # [B, H, N, C, K]
-    decay = parts["decay"]
-    QKD = decayed_scores(qc, parts["kc"], decay)                    # [B, H, N, C, C]
+    decay = parts.decay
+    QKD = decayed_scores(qc, parts.kc, decay)                       # [B, H, N, C, C]
     o = scale * ((decay.exp_Gq * qc) @ S_in + QKD @ delta)          # 6. [B, H, N, C, V]
     return from_chunks(o, q.shape[1]), S_T
 
@@ -343,8 +234,8 @@ def attention_matrix(q, k, beta, g, scale, fast_bound=None):
     """M = scale QKD T_mat over the whole sequence: [B, H, T, T], o = M v when S_0 = 0."""
     T = max(q.shape[1], 1)
     parts = _ut_parts(k, k[..., :1] * 0, beta, g, T, fast_bound)    # v unused by T_mat
-    QKD = decayed_scores(to_chunks(q, T), parts["kc"], parts["decay"])   # [B, H, 1, T, T]
-    return scale * (QKD @ parts["T_mat"])[:, :, 0]                  # [B, H, T, T]
+    QKD = decayed_scores(to_chunks(q, T), parts.kc, parts.decay)    # [B, H, 1, T, T]
+    return scale * (QKD @ parts.T_mat)[:, :, 0]                     # [B, H, T, T]
 
 
 def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, fast_bound=None):
@@ -362,33 +253,33 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     C = max(1, min(chunk_size, T))
     p = _ut_parts(k, v, beta, g, C, fast_bound)                     # 1.
     S_in, S_T = _carry(p, initial_state)
-    kc, vc, bc, decay = p["kc"], p["vc"], p["bc"], p["decay"]
-    delta = p["u"] - p["w"] @ S_in                                  # [B, H, N, C, V]
+    kc, vc, bc, decay = p.kc, p.vc, p.bc, p.decay
+    delta = p.u - p.w @ S_in                                        # [B, H, N, C, V]
     qc, doc = to_chunks(q, C), to_chunks(do, C)                     # [B, H, N, C, K|V]
     QKD = decayed_scores(qc, kc, decay)                             # [B, H, N, C, C]
-    gq = decay.exp_Gq * qc                                          # [B, H, N, C, K]
+    gamma_q = decay.exp_Gq * qc                                     # [B, H, N, C, K]  Gamma_t * q_t
     # 2. state cotangents at every chunk end
     ddelta_local = scale * QKD.swapaxes(-1, -2) @ doc               # [B, H, N, C, V]
-    local = scale * gq.swapaxes(-1, -2) @ doc - p["w"].swapaxes(-1, -2) @ ddelta_local  # [B, H, N, K, V]
-    dS_end, dh0 = reverse_chunk_carry(p["P"], local, dht)           # [B, H, N, K, V], [B, H, K, V]
+    local = scale * gamma_q.swapaxes(-1, -2) @ doc - p.w.swapaxes(-1, -2) @ ddelta_local  # [.., K, V]
+    dS_end, dh0 = reverse_chunk_carry(p.P, local, dht)              # [B, H, N, K, V], [B, H, K, V]
     # 3. through the solve
-    ddelta = ddelta_local + p["k_end"] @ dS_end                     # [B, H, N, C, V]
-    dR = p["A_inv"].swapaxes(-1, -2) @ ddelta                       # [B, H, N, C, V]
+    ddelta = ddelta_local + p.k_end @ dS_end                        # [B, H, N, C, V]
+    dR = p.A_inv.swapaxes(-1, -2) @ ddelta                          # [B, H, N, C, V]
     dL = np.tril(-dR @ delta.swapaxes(-1, -2), -1)                  # [B, H, N, C, C]
-    Y = vc - p["gk"] @ S_in                                         # [B, H, N, C, V]
+    Y = vc - p.gamma_k @ S_in                                       # [B, H, N, C, V]
     dY = bc[..., None] * dR                                         # [B, H, N, C, V]
-    dgk = -dY @ S_in.swapaxes(-1, -2)                               # [B, H, N, C, K]  d(Gamma * K)
+    dgamma_k = -dY @ S_in.swapaxes(-1, -2)                          # [B, H, N, C, K]  d(Gamma * K)
     dKKD = bc[..., :, None] * dL                                    # [B, H, N, C, C]  strictly lower
     dQKD, dQKD_diag = split_diagonal(scale * (doc @ delta.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
     # 4. q, k, v, beta; each term of dk kept apart for the gate identity
     dq_read = scale * decay.exp_Gq * (doc @ S_in.swapaxes(-1, -2))  # [B, H, N, C, K]
     dq_scores = decayed_mix(dQKD, kc, decay)                        # [B, H, N, C, K]
-    dk_rows = decayed_mix(dKKD, kc, decay) + decay.exp_Gq * dgk     # query side: KKD rows, Gamma*K
+    dk_rows = decayed_mix(dKKD, kc, decay) + decay.exp_Gq * dgamma_k   # query side: KKD rows, Gamma*K
     dk_cols = (decayed_mix_t(dQKD, qc, decay) + decayed_mix_t(dKKD, kc, decay)
                + decay.to_end * (delta @ dS_end.swapaxes(-1, -2)))  # key side: QKD, KKD cols, K_end
     dq = dq_scores + dq_read + dQKD_diag * kc                       # [B, H, N, C, K]
     dk = dk_rows + dk_cols + dQKD_diag * qc                         # [B, H, N, C, K]
-    dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * p["KKD"], axis=-1)   # [B, H, N, C]
+    dbeta = np.sum(dR * Y, axis=-1) + np.sum(dL * p.KKD, axis=-1)   # [B, H, N, C]
     # 5. gate identity: dL/dG_t = q_t dq_t + k_t dk_rows_t - k_t dk_cols_t (+ end-state term);
     #    the s = t terms of QKD cancel exactly in it and are left out
     S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
@@ -402,53 +293,3 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
         dg = dg[..., 0]                                             # [B, H, N, C]
     return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dY, T),
             "beta": from_chunks(dbeta, T), "g": from_chunks(dg, T), "initial_state": dh0}
-
-
-# ----------------------------------------------------------------------------- test inputs
-BETA_REGIMES = {
-    "beta_extremes": "beta per token from {1e-3, 0.5, 1, 1.9} (post-activation), typical decays",
-}
-
-
-def make_inputs(rng, regime, dims, dtype, variant, gated, per_channel=False):
-    """Valid random inputs for the delta-rule ops (see their ``make_inputs``).
-
-    q, v ~ N(0, 1). Variant "default": keys exactly unit norm and beta post-activation
-    (U(0.01, 0.99), or from {1e-3, 0.5, 1, 1.9} in "beta_extremes"; 1e-3 stands for 0 because
-    finite differences of beta = 0 would step outside the valid range [0, 2], and beta = 0
-    exactly is covered by the ops' own tests); any other variant (the in-op l2 norm
-    and sigmoid): raw N(0, 1) keys and raw beta logits (N(0, 2^2), or from {-20, 0, 20, N(0,1)}
-    in "beta_extremes"). dims["HV"] (default H) must be a multiple of dims["H"].
-    gated: add g from the decay regime, [B, T, HV] or, with per_channel (kda), [B, T, HV, K];
-    a per-channel "hard_reset" also resets single channels (-inf at ~5% of the (t, channel)
-    entries after t = 0) on top of the regime's whole-step resets.
-    """
-    from . import _regimes
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    HV = dims.get("HV", H)
-    if HV % H:
-        raise ValueError(f"make_inputs: HV={HV} value heads is not a multiple of H={H}; pass HV as well")
-    raw = variant != "default"
-    q = _regimes.normal(rng, (B, T, H, K), np.float64)
-    k = _regimes.normal(rng, (B, T, H, K), np.float64)
-    if not raw:
-        k = k / np.linalg.norm(k, axis=-1, keepdims=True)          # unit-norm keys
-    if regime == "beta_extremes":
-        values = (-20.0, 0.0, 20.0) if raw else (1e-3, 0.5, 1.0, 1.9)
-        beta = rng.choice(np.array(values), size=(B, T, HV))
-        if raw:
-            beta = np.where(rng.uniform(size=beta.shape) < 0.25, rng.standard_normal(beta.shape), beta)
-    else:
-        beta = 2.0 * rng.standard_normal((B, T, HV)) if raw else rng.uniform(0.01, 0.99, (B, T, HV))
-    x = {"q": q.astype(dtype), "k": k.astype(dtype),
-         "v": _regimes.normal(rng, (B, T, HV, V), dtype), "beta": beta.astype(dtype)}
-    if gated:
-        decay_regime = "typical" if regime in BETA_REGIMES else regime
-        shape = (B, T, HV, K) if per_channel else (B, T, HV)
-        g = _regimes.log_decay(rng, shape, decay_regime, np.float64)
-        if per_channel and decay_regime == "hard_reset":
-            partial = rng.uniform(size=shape) < 0.05
-            partial[:, 0] = False
-            g[partial] = -np.inf
-        x["g"] = g.astype(dtype)
-    return x

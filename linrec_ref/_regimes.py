@@ -43,3 +43,15 @@ def log_decay(rng: np.random.Generator, shape, regime: str, dtype, time_axis: in
         index[time_axis] = resets
         g[tuple(index)] = -np.inf
     return g.astype(dtype)
+
+
+def log_decay_per_channel(rng: np.random.Generator, shape, regime: str, dtype) -> np.ndarray:
+    """Per-channel log decays [B, T, ..., D] for a regime: ``log_decay``, and in "hard_reset"
+    also single channels reset (-inf) at ~5% of the (t, channel) entries after t = 0, on top of
+    the whole-step resets (for the ops whose gate has a channel axis: gla, rwkv6, kda, dplr)."""
+    g = log_decay(rng, shape, regime, np.float64)
+    if regime == "hard_reset":
+        partial = rng.uniform(size=shape) < 0.05
+        partial[:, 0] = False
+        g[partial] = -np.inf
+    return g.astype(dtype)

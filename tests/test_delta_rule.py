@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from linrec_ref import InputError, testing
-from linrec_ref import _delta
 from linrec_ref.ops import delta_rule as op
+from linrec_ref.ops import gated_delta_rule
 
 FORWARDS = ("recurrent", "parallel", "chunkwise")
 
@@ -66,7 +66,8 @@ def test_step_loop_equals_recurrent():
 @pytest.mark.parametrize("form", FORWARDS)
 def test_l2norm_option_equals_normalising_outside(form):
     x = _inputs(variant="l2norm_sigmoid")
-    outside = dict(x, q=_delta.l2norm(x["q"]), k=_delta.l2norm(x["k"]), use_qk_l2norm_in_kernel=False)
+    outside = dict(x, q=gated_delta_rule.l2norm(x["q"]), k=gated_delta_rule.l2norm(x["k"]),
+                   use_qk_l2norm_in_kernel=False)
     testing.assert_close(_run(form, x), _run(form, outside), name=form)
 
 

@@ -67,7 +67,7 @@ Gradients (hand-written)
             ddelta = dS^T k_j,  dv_j = beta_j ddelta,  dbeta_j = ddelta . (v_j - r_j),
             dr = -beta_j ddelta,  dk_j = dS delta_j + S^(j-1) dr,  dS <- dS + k_j dr^T;
         dg_t = <dS, S^(0)>,  dS_{t-1} = a_t dS.
-        Checkpointed (``_scan.reverse_sweep`` over tokens): never all T states; the n_h + 1
+        Checkpointed (``_scan.reverse_steps`` over tokens): never all T states; the n_h + 1
         sub-step states of one token are recomputed from its entering state.
     parallel_vjp / chunkwise_vjp: gated_delta_rule's vjp cores on the expanded sequence with
         do placed at the read sub-steps (0 elsewhere); dq is taken from the read sub-steps,
@@ -88,47 +88,18 @@ import numbers
 
 import numpy as np
 
-from .. import _delta, _regimes
+from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import reverse_sweep
+from .._scan import reverse_steps
 from .._spec import Arg, OpSpec
 from .._validation import InputError, require_ndarray
 from . import gated_delta_rule
+from .gated_delta_rule import BETA_REGIMES, prepare, pull_back
 
 _OPTIONS = {"use_qk_l2norm_in_kernel": False, "beta_activation": "none"}
-# gated_delta_rule's cores get processed inputs: no l2 norm, beta already the write strength
+# gated_delta_rule's cores get mapped inputs: no l2 norm, beta already the write strength
 _RAW = {"use_qk_l2norm_in_kernel": False, "beta_activation": "none"}
 _OP = "delta_product"
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs. q, v ~ N(0, 1). "default": unit-norm keys, beta in [0, 2]
-    (U(0.01, 0.99), or from {1e-3, 0.5, 1, 1.9} in "beta_extremes"), g from the decay regime
-    ("beta_extremes": typical decays). "l2norm_sigmoid": raw N(0, 1) keys and beta logits
-    (N(0, 2^2), or from {-20, 0, 20, N(0, 1)} in "beta_extremes"). "no_gate": as "default"
-    without g (g = None). dims: B, T, NH, H, K, V and optionally HV (a multiple of H)."""
-    B, T, NH, H, K, V = (dims[d] for d in ("B", "T", "NH", "H", "K", "V"))
-    HV = dims.get("HV", H)
-    if HV % H:
-        raise ValueError(f"make_inputs: HV={HV} value heads is not a multiple of H={H}")
-    raw = variant == "l2norm_sigmoid"
-    q = _regimes.normal(rng, (B, T, H, K), np.float64)
-    k = _regimes.normal(rng, (B, T, NH, H, K), np.float64)
-    if not raw:
-        k = k / np.linalg.norm(k, axis=-1, keepdims=True)          # unit-norm keys
-    shape_b = (B, T, NH, HV)
-    if regime in _delta.BETA_REGIMES:
-        beta = rng.choice(np.array((-20.0, 0.0, 20.0) if raw else (1e-3, 0.5, 1.0, 1.9)), size=shape_b)
-        if raw:
-            beta = np.where(rng.uniform(size=shape_b) < 0.25, rng.standard_normal(shape_b), beta)
-    else:
-        beta = 2.0 * rng.standard_normal(shape_b) if raw else rng.uniform(0.01, 0.99, shape_b)
-    x = {"q": q.astype(dtype), "k": k.astype(dtype),
-         "v": _regimes.normal(rng, (B, T, NH, HV, V), dtype), "beta": beta.astype(dtype)}
-    decay_regime = "typical" if regime in _delta.BETA_REGIMES else regime
-    x["g"] = None if variant == "no_gate" else _regimes.log_decay(rng, (B, T, HV), decay_regime, dtype)
-    return x
-
 
 SPEC = OpSpec(
     name=_OP,
@@ -141,16 +112,193 @@ SPEC = OpSpec(
     output="B T HV V",
     quadratic="B HV T*NH T*NH",  # sub-step x sub-step matrices
     state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.gated_delta_product.chunk_gated_delta_product "
            "(k, v, beta interleaved [B, T*n_h, ...]: see from_fla_layout)",),
-    regimes=tuple(_regimes.DECAY_REGIMES) + tuple(_delta.BETA_REGIMES),
+    regimes=tuple(_regimes.DECAY_REGIMES) + tuple(BETA_REGIMES),
     default_dims={"B": 2, "NH": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),
     variants={"default": {},
               "l2norm_sigmoid": {"use_qk_l2norm_in_kernel": True, "beta_activation": "sigmoid"},
               "no_gate": {}},
 )
+
+
+# ----------------------------------------------------------------------------- recurrent
+def _token_update(S, a, k, v, beta):
+    """One token S_{t-1} -> S_t. S: [B, H, K, V]; a: [B, H] or None (no decay);
+    k: [B, NH, H, K]; v: [B, NH, H, V]; beta: [B, NH, H]."""
+    if a is not None:
+        S = a[:, :, None, None] * S                                 # [B, H, K, V]  S^(0)
+    for j in range(k.shape[1]):
+        kj = k[:, j]                                                # [B, H, K]
+        read = (kj[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]  S^T k
+        delta = beta[:, j, :, None] * (v[:, j] - read)              # [B, H, V]
+        S = S + kj[:, :, :, None] * delta[:, :, None, :]            # [B, H, K, V]
+    return S
+
+
+def _advance(k, v, beta, g):
+    """One token of the recurrence as a function of (S_{t-1}, t), for loops and reverse walks."""
+    a = None if g is None else np.exp(g)                            # [B, T, H]
+    return lambda S, t: _token_update(S, None if a is None else a[:, t], k[:, t], v[:, t], beta[:, t])
+
+
+@forward_form(SPEC)
+def recurrent(q, k, v, beta, g=None, *, scale, initial_state, **opts):
+    """The definition: a loop over tokens and their sub-steps. q: [B, T, H, K];
+    k: [B, T, NH, H, K]; v: [B, T, NH, H, V]; beta: [B, T, NH, H]; g: [B, T, H] or None."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    advance = _advance(km, v, bm, g)
+    S = initial_state                                               # [B, H, K, V]
+    o = np.empty((v.shape[0], v.shape[1]) + v.shape[3:], dtype=v.dtype)   # [B, T, H, V]
+    for t in range(q.shape[1]):
+        S = advance(S, t)
+        o[:, t] = scale * (qm[:, t, :, None, :] @ S)[:, :, 0, :]    # [B, H, V]
+    return o, S
+
+
+@step_form(SPEC)
+def step(q, k, v, beta, g=None, *, state, scale, **opts):
+    """One token: q: [B, H, K]; k: [B, NH, H, K]; v: [B, NH, H, V]; beta: [B, NH, H];
+    g: [B, H] or None; state: [B, H, K, V]."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    S = _token_update(state, None if g is None else np.exp(g), km, v, bm)    # [B, H, K, V]
+    o = scale * (qm[:, :, None, :] @ S)[:, :, 0, :]                 # [B, H, V]
+    return o, S
+
+
+@vjp_form(SPEC)
+def recurrent_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **opts):
+    """Direct adjoint of the loop (ground truth), tokens t = T-1 .. 0 and inside each token the
+    sub-steps j = n_h .. 1 (equations in the module docstring). Checkpointed reverse walk over
+    tokens (``_scan.reverse_steps``): never all T states, only n_h + 1 sub-step states of the
+    token being visited."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    NH = k.shape[2]
+    a = None if g is None else np.exp(g)                            # [B, T, H]
+    dq, dk, dv, dbeta = (np.zeros_like(x) for x in (q, k, v, beta))
+    dg = None if g is None else np.zeros_like(g)
+    dS = dht.copy()                                                 # [B, H, K, V]
+    for t, S_prev, S_t in reverse_steps(_advance(km, v, bm, g), initial_state, q.shape[1]):
+        dS = dS + scale * qm[:, t, :, :, None] * do[:, t, :, None, :]  # read of S_t
+        dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
+        # recompute the sub-step states S^(0) .. S^(NH-1) of token t
+        subs = [S_prev if a is None else a[:, t, :, None, None] * S_prev]   # [B, H, K, V]
+        for j in range(NH - 1):
+            one = slice(j, j + 1)                                        # sub-step j, axis kept
+            subs.append(_token_update(subs[-1], None, km[:, t, one], v[:, t, one], bm[:, t, one]))
+        for j in reversed(range(NH)):
+            kj, bj, S_in = km[:, t, j], bm[:, t, j, :, None], subs[j]    # [B, H, K], [B, H, 1]
+            resid = v[:, t, j] - (kj[:, :, None, :] @ S_in)[:, :, 0, :]  # [B, H, V]  v - r
+            delta = bj * resid                                           # [B, H, V]
+            ddelta = (kj[:, :, None, :] @ dS)[:, :, 0, :]                # [B, H, V]
+            dr = -bj * ddelta                                            # [B, H, V]
+            dbeta[:, t, j] = np.sum(ddelta * resid, axis=-1)             # [B, H]
+            dv[:, t, j] = bj * ddelta
+            dk[:, t, j] = (dS @ delta[..., None])[..., 0] + (S_in @ dr[..., None])[..., 0]
+            dS = dS + kj[..., None] * dr[:, :, None, :]                  # to S^(j-1)
+        if a is not None:
+            dg[:, t] = np.sum(dS * subs[0], axis=(-2, -1))               # <dS^(0), a S_{t-1}>
+            dS = a[:, t, :, None, None] * dS                             # to S_{t-1}
+    grads = {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "initial_state": dS}
+    return pull_back(q, k, beta, grads, opts)
+
+
+# ----------------------------------------------------------------------------- UT/WY forms
+# The expanded sequence of T*n_h sub-steps is a gated delta rule (module docstring).
+def _expand(q, k, v, beta, g):
+    """The sequence of T*n_h sub-steps as a gated delta rule (see the module docstring).
+
+    q: [B, T, H, K]; k: [B, T, NH, H, K]; v: [B, T, NH, H, V]; beta: [B, T, NH, H]; g: [B, T, H]
+    or None. Returns {q, k, v, g, beta} of the expanded sequence (T*NH on axis 1), the keyword
+    arguments of gated_delta_rule's cores.
+    """
+    B, T, NH, H, K = k.shape
+    q_sub = np.zeros((B, T, NH, H, K), dtype=q.dtype)               # [B, T, NH, H, K]
+    q_sub[:, :, -1] = q                                             # read after the last sub-step
+    g_sub = np.zeros((B, T, NH, H), dtype=v.dtype)                  # [B, T, NH, H]
+    if g is not None:
+        g_sub[:, :, 0] = g                                          # decay before the first one
+    sub = lambda x: x.reshape((B, T * NH) + x.shape[3:])            # [B, T*NH, ...]
+    return {"q": sub(q_sub), "k": sub(k), "v": sub(v), "g": sub(g_sub), "beta": sub(beta)}
+
+
+def _expand_do(do, NH):
+    """do: [B, T, H, V] -> [B, T*NH, H, V], the cotangent at the read sub-steps, 0 elsewhere."""
+    B, T = do.shape[:2]
+    do_sub = np.zeros((B, T, NH) + do.shape[2:], dtype=do.dtype)    # [B, T, NH, H, V]
+    do_sub[:, :, -1] = do
+    return do_sub.reshape((B, T * NH) + do.shape[2:])               # [B, T*NH, H, V]
+
+
+def _collapse_grads(grads, k, g):
+    """Gradients of the expanded sequence -> gradients of (q, k, v, beta, g)."""
+    B, T, NH = k.shape[:3]
+    tok = lambda x: x.reshape((B, T, NH) + x.shape[2:])             # [B, T, NH, ...]
+    out = {"q": tok(grads["q"])[:, :, -1],                          # [B, T, H, K]  read sub-steps
+           "k": tok(grads["k"]), "v": tok(grads["v"]), "beta": tok(grads["beta"]),
+           "initial_state": grads["initial_state"]}
+    if g is not None:
+        out["g"] = tok(grads["g"])[:, :, 0]                         # [B, T, H]  first sub-steps
+    return out
+
+
+@forward_form(SPEC)
+def parallel(q, k, v, beta, g=None, *, scale, initial_state, **opts):
+    """gated_delta_rule's parallel form (UT transform over all T*n_h sub-steps), read at the
+    last sub-step of every token."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    NH = k.shape[2]
+    o_sub, S = gated_delta_rule.parallel.core(**_expand(qm, km, v, bm, g), scale=scale,
+                                              initial_state=initial_state, **_RAW)
+    return o_sub[:, NH - 1::NH], S                                  # [B, T, H, V]
+
+
+@forward_form(SPEC, chunked=True)
+def chunkwise(q, k, v, beta, g=None, *, scale, initial_state, chunk_size, **opts):
+    """Chunks of C = chunk_size TOKENS, i.e. C*n_h sub-steps: gated_delta_rule's chunkwise form
+    on the expanded sequence with chunk size min(C, T)*n_h (one triangular solve per chunk)."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    NH = k.shape[2]
+    C_sub = min(chunk_size, q.shape[1]) * NH
+    o_sub, S = gated_delta_rule.chunkwise.core(**_expand(qm, km, v, bm, g), scale=scale,
+                                               initial_state=initial_state, chunk_size=C_sub, **_RAW)
+    return o_sub[:, NH - 1::NH], S                                  # [B, T, H, V]
+
+
+@matrix_form(SPEC, names=("q", "k", "beta", "g"))
+def attention_matrix(q, k, beta, g=None, *, scale, **opts):
+    """M: [B, HV, T, T*n_h], tokens x sub-steps: o[b, :, h] = M[b, h] @ to_interleaved(v)[b, :, h]
+    when the initial state is 0 (NOT the T x T shape of the other ops: the values are per
+    sub-step). Column t*n_h + j is sub-step j of token t; M[t, s*n_h + j] = 0 for s > t."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    NH = k.shape[2]
+    sub = _expand(qm, km, km[..., :1], bm, g)                        # v is not used by M
+    M_sub = gated_delta_rule.attention_matrix.core(q=sub["q"], k=sub["k"], g=sub["g"], beta=sub["beta"],
+                                                   scale=scale, **_RAW)   # [B, H, T*NH, T*NH]
+    return M_sub[:, :, NH - 1::NH]                                  # [B, H, T, T*NH]
+
+
+@vjp_form(SPEC)
+def parallel_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **opts):
+    """Backward of the parallel form: gated_delta_rule's parallel vjp on the expanded sequence."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    grads = gated_delta_rule.parallel_vjp.core(
+        **_expand(qm, km, v, bm, g), do=_expand_do(do, k.shape[2]), dht=dht, scale=scale,
+        initial_state=initial_state, **_RAW)
+    return pull_back(q, k, beta, _collapse_grads(grads, k, g), opts)
+
+
+@vjp_form(SPEC, chunked=True)
+def chunkwise_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, chunk_size, **opts):
+    """Backward of the chunkwise form (chunks of C tokens = C*n_h sub-steps; per-chunk states only)."""
+    qm, km, bm = prepare(_OP, q, k, beta, opts)
+    NH = k.shape[2]
+    grads = gated_delta_rule.chunkwise_vjp.core(
+        **_expand(qm, km, v, bm, g), do=_expand_do(do, NH), dht=dht, scale=scale,
+        initial_state=initial_state, chunk_size=min(chunk_size, q.shape[1]) * NH, **_RAW)
+    return pull_back(q, k, beta, _collapse_grads(grads, k, g), opts)
 
 
 # ----------------------------------------------------------------------------- fla's layout
@@ -212,188 +360,31 @@ def from_fla_layout(q, k, v, g, beta, num_householder) -> dict:
     return out
 
 
-# ----------------------------------------------------------------------------- helpers
-def _prep(q, k, beta, opts):
-    return _delta.prepare(_OP, q, k, beta, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
-def _pull_back(q, k, beta, grads, opts):
-    return _delta.prepare_vjp(q, k, beta, grads, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
-def _expand(q, k, v, beta, g):
-    """The sequence of T*n_h sub-steps as a gated delta rule (see the module docstring).
-
-    q: [B, T, H, K]; k: [B, T, NH, H, K]; v: [B, T, NH, H, V]; beta: [B, T, NH, H]; g: [B, T, H]
-    or None. Returns {q, k, v, g, beta} of the expanded sequence (T*NH on axis 1), the keyword
-    arguments of gated_delta_rule's cores.
-    """
-    B, T, NH, H, K = k.shape
-    q_sub = np.zeros((B, T, NH, H, K), dtype=q.dtype)               # [B, T, NH, H, K]
-    q_sub[:, :, -1] = q                                             # read after the last sub-step
-    g_sub = np.zeros((B, T, NH, H), dtype=v.dtype)                  # [B, T, NH, H]
-    if g is not None:
-        g_sub[:, :, 0] = g                                          # decay before the first one
-    sub = lambda x: x.reshape((B, T * NH) + x.shape[3:])            # [B, T*NH, ...]
-    return {"q": sub(q_sub), "k": sub(k), "v": sub(v), "g": sub(g_sub), "beta": sub(beta)}
-
-
-def _expand_do(do, NH):
-    """do: [B, T, H, V] -> [B, T*NH, H, V], the cotangent at the read sub-steps, 0 elsewhere."""
-    B, T = do.shape[:2]
-    do_sub = np.zeros((B, T, NH) + do.shape[2:], dtype=do.dtype)    # [B, T, NH, H, V]
-    do_sub[:, :, -1] = do
-    return do_sub.reshape((B, T * NH) + do.shape[2:])               # [B, T*NH, H, V]
-
-
-def _collapse_grads(grads, k, g):
-    """Gradients of the expanded sequence -> gradients of (q, k, v, beta, g)."""
-    B, T, NH = k.shape[:3]
-    tok = lambda x: x.reshape((B, T, NH) + x.shape[2:])             # [B, T, NH, ...]
-    out = {"q": tok(grads["q"])[:, :, -1],                          # [B, T, H, K]  read sub-steps
-           "k": tok(grads["k"]), "v": tok(grads["v"]), "beta": tok(grads["beta"]),
-           "initial_state": grads["initial_state"]}
-    if g is not None:
-        out["g"] = tok(grads["g"])[:, :, 0]                         # [B, T, H]  first sub-steps
-    return out
-
-
-def _token_update(S, a, k, v, beta):
-    """One token S_{t-1} -> S_t. S: [B, H, K, V]; a: [B, H] or None (no decay);
-    k: [B, NH, H, K]; v: [B, NH, H, V]; beta: [B, NH, H]."""
-    if a is not None:
-        S = a[:, :, None, None] * S                                 # [B, H, K, V]  S^(0)
-    for j in range(k.shape[1]):
-        kj = k[:, j]                                                # [B, H, K]
-        read = (kj[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]  S^T k
-        delta = beta[:, j, :, None] * (v[:, j] - read)              # [B, H, V]
-        S = S + kj[:, :, :, None] * delta[:, :, None, :]            # [B, H, K, V]
-    return S
-
-
-def _advance(k, v, beta, g):
-    """One token of the recurrence as a function of (S_{t-1}, t), for loops and reverse sweeps."""
-    a = None if g is None else np.exp(g)                            # [B, T, H]
-    return lambda S, t: _token_update(S, None if a is None else a[:, t], k[:, t], v[:, t], beta[:, t])
-
-
-# ----------------------------------------------------------------------------- forms
-@forward_form(SPEC)
-def recurrent(q, k, v, beta, g=None, *, scale, initial_state, **opts):
-    """The definition: a loop over tokens and their sub-steps. q: [B, T, H, K];
-    k: [B, T, NH, H, K]; v: [B, T, NH, H, V]; beta: [B, T, NH, H]; g: [B, T, H] or None."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    advance = _advance(kn, v, b, g)
-    S = initial_state                                               # [B, H, K, V]
-    o = np.empty((v.shape[0], v.shape[1]) + v.shape[3:], dtype=v.dtype)   # [B, T, H, V]
-    for t in range(q.shape[1]):
-        S = advance(S, t)
-        o[:, t] = scale * (qn[:, t, :, None, :] @ S)[:, :, 0, :]    # [B, H, V]
-    return o, S
-
-
-@step_form(SPEC)
-def step(q, k, v, beta, g=None, *, state, scale, **opts):
-    """One token: q: [B, H, K]; k: [B, NH, H, K]; v: [B, NH, H, V]; beta: [B, NH, H];
-    g: [B, H] or None; state: [B, H, K, V]."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    S = _token_update(state, None if g is None else np.exp(g), kn, v, b)    # [B, H, K, V]
-    o = scale * (qn[:, :, None, :] @ S)[:, :, 0, :]                 # [B, H, V]
-    return o, S
-
-
-@forward_form(SPEC)
-def parallel(q, k, v, beta, g=None, *, scale, initial_state, **opts):
-    """gated_delta_rule's parallel form (UT transform over all T*n_h sub-steps), read at the
-    last sub-step of every token."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    NH = k.shape[2]
-    o_sub, S = gated_delta_rule.parallel.core(**_expand(qn, kn, v, b, g), scale=scale,
-                                              initial_state=initial_state, **_RAW)
-    return o_sub[:, NH - 1::NH], S                                  # [B, T, H, V]
-
-
-@forward_form(SPEC, chunked=True)
-def chunkwise(q, k, v, beta, g=None, *, scale, initial_state, chunk_size, **opts):
-    """Chunks of C = chunk_size TOKENS, i.e. C*n_h sub-steps: gated_delta_rule's chunkwise form
-    on the expanded sequence with chunk size min(C, T)*n_h (one triangular solve per chunk)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    NH = k.shape[2]
-    C_sub = min(chunk_size, q.shape[1]) * NH
-    o_sub, S = gated_delta_rule.chunkwise.core(**_expand(qn, kn, v, b, g), scale=scale,
-                                               initial_state=initial_state, chunk_size=C_sub, **_RAW)
-    return o_sub[:, NH - 1::NH], S                                  # [B, T, H, V]
-
-
-@matrix_form(SPEC, names=("q", "k", "beta", "g"))
-def attention_matrix(q, k, beta, g=None, *, scale, **opts):
-    """M: [B, HV, T, T*n_h], tokens x sub-steps: o[b, :, h] = M[b, h] @ to_interleaved(v)[b, :, h]
-    when the initial state is 0 (NOT the T x T shape of the other ops: the values are per
-    sub-step). Column t*n_h + j is sub-step j of token t; M[t, s*n_h + j] = 0 for s > t."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    NH = k.shape[2]
-    sub = _expand(qn, kn, kn[..., :1], b, g)                        # v is not used by M
-    M_sub = gated_delta_rule.attention_matrix.core(q=sub["q"], k=sub["k"], g=sub["g"], beta=sub["beta"],
-                                                   scale=scale, **_RAW)   # [B, H, T*NH, T*NH]
-    return M_sub[:, :, NH - 1::NH]                                  # [B, H, T, T*NH]
-
-
-@vjp_form(SPEC)
-def recurrent_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **opts):
-    """Direct adjoint of the loop (ground truth), tokens t = T-1 .. 0 and inside each token the
-    sub-steps j = n_h .. 1 (equations in the module docstring). Checkpointed reverse sweep over
-    tokens (``_scan.reverse_sweep``): never all T states, only n_h + 1 sub-step states of the
-    token being visited."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    NH = k.shape[2]
-    a = None if g is None else np.exp(g)                            # [B, T, H]
-    dq, dk, dv, dbeta = (np.zeros_like(x) for x in (q, k, v, beta))
-    dg = None if g is None else np.zeros_like(g)
-    dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
-        dS = dS + scale * qn[:, t, :, :, None] * do[:, t, :, None, :]  # read of S_t
-        dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
-        # recompute the sub-step states S^(0) .. S^(NH-1) of token t
-        subs = [S_prev if a is None else a[:, t, :, None, None] * S_prev]   # [B, H, K, V]
-        for j in range(NH - 1):
-            subs.append(_token_update(subs[-1], None, kn[:, t, j:j + 1], v[:, t, j:j + 1], b[:, t, j:j + 1]))
-        for j in reversed(range(NH)):
-            kj, bj, S_in = kn[:, t, j], b[:, t, j, :, None], subs[j]    # [B, H, K], [B, H, 1]
-            resid = v[:, t, j] - (kj[:, :, None, :] @ S_in)[:, :, 0, :]  # [B, H, V]  v - r
-            delta = bj * resid                                           # [B, H, V]
-            ddelta = (kj[:, :, None, :] @ dS)[:, :, 0, :]                # [B, H, V]
-            dr = -bj * ddelta                                            # [B, H, V]
-            dbeta[:, t, j] = np.sum(ddelta * resid, axis=-1)             # [B, H]
-            dv[:, t, j] = bj * ddelta
-            dk[:, t, j] = (dS @ delta[..., None])[..., 0] + (S_in @ dr[..., None])[..., 0]
-            dS = dS + kj[..., None] * dr[:, :, None, :]                  # to S^(j-1)
-        if a is not None:
-            dg[:, t] = np.sum(dS * subs[0], axis=(-2, -1))               # <dS^(0), a S_{t-1}>
-            dS = a[:, t, :, None, None] * dS                             # to S_{t-1}
-
-    reverse_sweep(_advance(kn, v, b, g), initial_state, q.shape[1], visit)
-    grads = {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "initial_state": dS}
-    return _pull_back(q, k, beta, grads, opts)
-
-
-@vjp_form(SPEC)
-def parallel_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **opts):
-    """Backward of the parallel form: gated_delta_rule's parallel vjp on the expanded sequence."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = gated_delta_rule.parallel_vjp.core(
-        **_expand(qn, kn, v, b, g), do=_expand_do(do, k.shape[2]), dht=dht, scale=scale,
-        initial_state=initial_state, **_RAW)
-    return _pull_back(q, k, beta, _collapse_grads(grads, k, g), opts)
-
-
-@vjp_form(SPEC, chunked=True)
-def chunkwise_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, chunk_size, **opts):
-    """Backward of the chunkwise form (chunks of C tokens = C*n_h sub-steps; per-chunk states only)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    NH = k.shape[2]
-    grads = gated_delta_rule.chunkwise_vjp.core(
-        **_expand(qn, kn, v, b, g), do=_expand_do(do, NH), dht=dht, scale=scale,
-        initial_state=initial_state, chunk_size=min(chunk_size, q.shape[1]) * NH, **_RAW)
-    return _pull_back(q, k, beta, _collapse_grads(grads, k, g), opts)
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs. q, v ~ N(0, 1). "default": unit-norm keys, beta in [0, 2]
+    (U(0.01, 0.99), or from {1e-3, 0.5, 1, 1.9} in "beta_extremes"), g from the decay regime
+    ("beta_extremes": typical decays). "l2norm_sigmoid": raw N(0, 1) keys and beta logits
+    (N(0, 2^2), or from {-20, 0, 20, N(0, 1)} in "beta_extremes"). "no_gate": as "default"
+    without g (g = None). dims: B, T, NH, H, K, V and optionally HV (a multiple of H)."""
+    B, T, NH, H, K, V = (dims[name] for name in ("B", "T", "NH", "H", "K", "V"))
+    HV = dims.get("HV", H)
+    if HV % H:
+        raise ValueError(f"make_inputs: HV={HV} value heads is not a multiple of H={H}")
+    raw = variant == "l2norm_sigmoid"
+    q = _regimes.normal(rng, (B, T, H, K), np.float64)
+    k = _regimes.normal(rng, (B, T, NH, H, K), np.float64)
+    if not raw:
+        k = k / np.linalg.norm(k, axis=-1, keepdims=True)          # unit-norm keys
+    shape_b = (B, T, NH, HV)
+    if regime in BETA_REGIMES:
+        beta = rng.choice(np.array((-20.0, 0.0, 20.0) if raw else (1e-3, 0.5, 1.0, 1.9)), size=shape_b)
+        if raw:
+            beta = np.where(rng.uniform(size=shape_b) < 0.25, rng.standard_normal(shape_b), beta)
+    else:
+        beta = 2.0 * rng.standard_normal(shape_b) if raw else rng.uniform(0.01, 0.99, shape_b)
+    x = {"q": q.astype(dtype), "k": k.astype(dtype),
+         "v": _regimes.normal(rng, (B, T, NH, HV, V), dtype), "beta": beta.astype(dtype)}
+    decay_regime = "typical" if regime in BETA_REGIMES else regime
+    x["g"] = None if variant == "no_gate" else _regimes.log_decay(rng, (B, T, HV), decay_regime, dtype)
+    return x

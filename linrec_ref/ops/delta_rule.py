@@ -30,8 +30,8 @@ a step never expands the state when |k| = 1 and beta in [0, 2]. Keys should be u
 ``use_qk_l2norm_in_kernel=True``) and beta in (0, 2); with raw keys the state, and the UT matrix
 of the chunkwise form, can grow exponentially.
 
-Forms (derived in ``linrec_ref._delta`` from the recurrence; this op is gated_delta_rule with
-g = 0, computed by the same machinery with a zero log gate, so exp(0) = 1 exactly)
+Forms (this op is gated_delta_rule with g = 0: its loop ``gated_delta_rule.recurrence`` and the
+UT/WY machinery of ``linrec_ref._delta``, both called with a zero log gate, so exp(0) = 1 exactly)
     recurrent  the loop above (ground truth); O(K V) memory per head.
     parallel   the quadratic form through the UT transform over the whole sequence:
                A = I + tril(diag(beta) K K^T, -1),  Delta = A^{-1} diag(beta) (V - K S_0),
@@ -60,16 +60,10 @@ import numpy as np
 from .. import _delta
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._spec import Arg, OpSpec
+from .gated_delta_rule import (BETA_REGIMES, family_inputs, prepare, pull_back, recurrence,
+                               recurrence_step, recurrence_vjp)
 
 _OPTIONS = {"use_qk_l2norm_in_kernel": False, "beta_activation": "none"}
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, v ~ N(0, 1); unit-norm keys and beta in [0, 2] for "default"
-    (U(0.01, 0.99); "beta_extremes": from {1e-3, 0.5, 1, 1.9}), raw keys and beta logits for
-    "l2norm_sigmoid"."""
-    return _delta.make_inputs(rng, regime, dims, dtype, variant, gated=False)
-
 
 SPEC = OpSpec(
     name="delta_rule",
@@ -79,9 +73,9 @@ SPEC = OpSpec(
     inputs=(Arg("q", "B T H K"), Arg("k", "B T H K"), Arg("v", "B T HV V"), Arg("beta", "B T HV")),
     output="B T HV V",
     state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.delta_rule.chunk_delta_rule", "fla.ops.delta_rule.fused_recurrent_delta_rule"),
-    regimes=("typical",) + tuple(_delta.BETA_REGIMES),
+    regimes=("typical",) + tuple(BETA_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),
     variants={"default": {},
@@ -89,78 +83,79 @@ SPEC = OpSpec(
 )
 
 
-def _prep(q, k, beta, opts):
-    return _delta.prepare(SPEC.name, q, k, beta, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
-def _pull_back(q, k, beta, grads, opts):
-    grads.pop("g")                                                  # the zero gate is not an input
-    return _delta.prepare_vjp(q, k, beta, grads, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
 def _no_decay(beta):
-    return np.zeros_like(beta)                                      # g = 0: exp(g) = 1 exactly
+    """The zero log gate g = 0 of every step: exp(g) = 1 exactly. [B, T, H] (or [B, H])."""
+    return np.zeros_like(beta)
 
 
-# ----------------------------------------------------------------------------- forms
+def _without_gate(grads):
+    """The gradients of gated_delta_rule's machinery without dg (g = 0 is not an input here)."""
+    grads.pop("g")
+    return grads
+
+
+# ----------------------------------------------------------------------------- recurrent
 @forward_form(SPEC)
 def recurrent(q, k, v, beta, *, scale, initial_state, **opts):
     """The definition: a loop over t. q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.recurrent(qn, kn, v, b, _no_decay(beta), scale, initial_state)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return recurrence(q, k, v, _no_decay(beta), beta, scale, initial_state)
 
 
 @step_form(SPEC)
 def step(q, k, v, beta, *, state, scale, **opts):
     """One token: q, k: [B, H, K]; v: [B, H, V]; beta: [B, H]; state: [B, H, K, V]."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.step(qn, kn, v, b, _no_decay(beta), state, scale)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return recurrence_step(q, k, v, _no_decay(beta), beta, state, scale)
 
 
+@vjp_form(SPEC)
+def recurrent_vjp(q, k, v, beta, do, dht, *, scale, initial_state, **opts):
+    """Direct adjoint of the loop (ground truth); checkpointed reverse walk, never all T states."""
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = recurrence_vjp(qm, km, v, _no_decay(beta), bm, do, dht, scale, initial_state)
+    return pull_back(q, k, beta, _without_gate(grads), opts)
+
+
+# ----------------------------------------------------------------------------- UT/WY forms
 @forward_form(SPEC)
 def parallel(q, k, v, beta, *, scale, initial_state, **opts):
     """The UT-transform quadratic form over the whole sequence (one chunk of length T)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.chunkwise(qn, kn, v, b, _no_decay(beta), scale, initial_state, max(q.shape[1], 1))
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.chunkwise(q, k, v, beta, _no_decay(beta), scale, initial_state,
+                            max(q.shape[1], 1))
 
 
 @forward_form(SPEC, chunked=True)
 def chunkwise(q, k, v, beta, *, scale, initial_state, chunk_size, **opts):
     """Chunks of C = chunk_size tokens, one triangular solve each (steps in ``_delta.chunkwise``)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.chunkwise(qn, kn, v, b, _no_decay(beta), scale, initial_state, chunk_size)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.chunkwise(q, k, v, beta, _no_decay(beta), scale, initial_state, chunk_size)
 
 
 @matrix_form(SPEC, names=("q", "k", "beta"))
 def attention_matrix(q, k, beta, *, scale, **opts):
     """M = scale tril(Q K^T) A^{-1} diag(beta): [B, HV, T, T]; o = M v when the initial state is 0."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.attention_matrix(qn, kn, b, _no_decay(beta), scale)
-
-
-@vjp_form(SPEC)
-def recurrent_vjp(q, k, v, beta, do, dht, *, scale, initial_state, **opts):
-    """Direct adjoint of the loop (ground truth); checkpointed reverse sweep, never all T states."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _delta.recurrent_vjp(qn, kn, v, b, _no_decay(beta), do, dht, scale, initial_state)
-    return _pull_back(q, k, beta, grads, opts)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.attention_matrix(q, k, beta, _no_decay(beta), scale)
 
 
 @vjp_form(SPEC)
 def parallel_vjp(q, k, v, beta, do, dht, *, scale, initial_state, **opts):
     """Backward of the parallel form, through the triangular solve over the whole sequence."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _delta.chunkwise_vjp(qn, kn, v, b, _no_decay(beta), do, dht, scale, initial_state,
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = _delta.chunkwise_vjp(qm, km, v, bm, _no_decay(beta), do, dht, scale, initial_state,
                                  max(q.shape[1], 1))
-    return _pull_back(q, k, beta, grads, opts)
+    return pull_back(q, k, beta, _without_gate(grads), opts)
 
 
 @vjp_form(SPEC, chunked=True)
 def chunkwise_vjp(q, k, v, beta, do, dht, *, scale, initial_state, chunk_size, **opts):
     """Backward of the chunkwise form (per-chunk states only, O(T/C K V) per head)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _delta.chunkwise_vjp(qn, kn, v, b, _no_decay(beta), do, dht, scale, initial_state, chunk_size)
-    return _pull_back(q, k, beta, grads, opts)
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = _delta.chunkwise_vjp(qm, km, v, bm, _no_decay(beta), do, dht, scale, initial_state,
+                                 chunk_size)
+    return pull_back(q, k, beta, _without_gate(grads), opts)
 
 
 def chunk_intermediates(q, k, v, beta, *, initial_state=None, chunk_size=64,
@@ -174,7 +169,15 @@ def chunk_intermediates(q, k, v, beta, *, initial_state=None, chunk_size=64,
     (T_mat V), v_new (u - w S_in), gamma (ones), D (the causal mask of ones), final_state.
     """
     opts = {"use_qk_l2norm_in_kernel": use_qk_l2norm_in_kernel, "beta_activation": beta_activation}
-    _, kn, b = _prep(q, k, beta, opts)
+    _, k, beta = prepare(SPEC.name, q, k, beta, opts)
     if initial_state is None:
         initial_state = np.zeros((v.shape[0], v.shape[2], k.shape[3], v.shape[3]), v.dtype)
-    return _delta.chunk_intermediates(kn, v, b, _no_decay(beta), initial_state, chunk_size)
+    return _delta.chunk_intermediates(k, v, beta, _no_decay(beta), initial_state, chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, v ~ N(0, 1); unit-norm keys and beta in [0, 2] for "default"
+    (U(0.01, 0.99); "beta_extremes": from {1e-3, 0.5, 1, 1.9}), raw keys and beta logits for
+    "l2norm_sigmoid"."""
+    return family_inputs(rng, regime, dims, dtype, variant, gated=False)

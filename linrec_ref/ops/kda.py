@@ -70,19 +70,11 @@ import numpy as np
 
 from .. import _delta, _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import reverse_sweep
+from .._scan import reverse_steps
 from .._spec import Arg, OpSpec
+from .gated_delta_rule import BETA_REGIMES, family_inputs, prepare, pull_back
 
 _OPTIONS = {"use_qk_l2norm_in_kernel": False, "beta_activation": "none"}
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, v ~ N(0, 1); unit-norm keys and beta in [0, 2] for "default",
-    raw keys and beta logits for "l2norm_sigmoid"; g [B, T, HV, K] from the decay regime, in
-    "hard_reset" with -inf at whole steps and at single (t, channel) entries ("beta_extremes":
-    typical decays, beta from {1e-3, 0.5, 1, 1.9})."""
-    return _delta.make_inputs(rng, regime, dims, dtype, variant, gated=True, per_channel=True)
-
 
 SPEC = OpSpec(
     name="kda",
@@ -93,9 +85,9 @@ SPEC = OpSpec(
             Arg("g", "B T HV K", log_gate=True), Arg("beta", "B T HV")),
     output="B T HV V",
     state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.kda.chunk_kda", "fla.ops.kda.fused_recurrent_kda"),
-    regimes=tuple(_regimes.DECAY_REGIMES) + tuple(_delta.BETA_REGIMES),
+    regimes=tuple(_regimes.DECAY_REGIMES) + tuple(BETA_REGIMES),
     default_dims={"B": 2, "H": 1, "HV": 2, "K": 8, "V": 6},
     options=dict(_OPTIONS),
     variants={"default": {},
@@ -103,16 +95,8 @@ SPEC = OpSpec(
 )
 
 
-def _prep(q, k, beta, opts):
-    return _delta.prepare(SPEC.name, q, k, beta, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
-def _pull_back(q, k, beta, grads, opts):
-    return _delta.prepare_vjp(q, k, beta, grads, opts["use_qk_l2norm_in_kernel"], opts["beta_activation"])
-
-
 # ----------------------------------------------------------------------------- recurrent
-# kda's own loop, independent of _delta.recurrent (gated_delta_rule's): the identity test
+# kda's own loop, independent of gated_delta_rule.recurrence: the identity test
 # "kda with a gate constant over K equals gated_delta_rule" compares the two.
 def _advance(k, v, beta, g):
     """One step S_{t-1} -> S_t as a function of (S, t). k, g: [B, T, H, K]; v: [B, T, H, V]."""
@@ -127,8 +111,8 @@ def _advance(k, v, beta, g):
     return advance
 
 
-def _recurrent(q, k, v, beta, g, scale, initial_state):
-    """The loop over t on processed inputs (q, k normalised, beta activated)."""
+def _recurrence(q, k, v, beta, g, scale, initial_state):
+    """The loop over t on mapped inputs (q, k normalised, beta activated)."""
     advance = _advance(k, v, beta, g)
     S = initial_state                                               # [B, H, K, V]
     o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
@@ -141,33 +125,31 @@ def _recurrent(q, k, v, beta, g, scale, initial_state):
 @forward_form(SPEC)
 def recurrent(q, k, v, g, beta, *, scale, initial_state, **opts):
     """The definition: a loop over t. q, k, g: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H]."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _recurrent(qn, kn, v, b, g, scale, initial_state)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _recurrence(q, k, v, beta, g, scale, initial_state)
 
 
 @step_form(SPEC)
 def step(q, k, v, g, beta, *, state, scale, **opts):
     """One token: q, k, g: [B, H, K]; v: [B, H, V]; beta: [B, H]; state: [B, H, K, V]."""
-    qn, kn, b = _prep(q, k, beta, opts)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
     S_dec = np.exp(g)[:, :, :, None] * state                        # [B, H, K, V]
-    read = (kn[:, :, None, :] @ S_dec)[:, :, 0, :]                  # [B, H, V]
-    delta = b[:, :, None] * (v - read)                              # [B, H, V]
-    S = S_dec + kn[:, :, :, None] * delta[:, :, None, :]            # [B, H, K, V]
-    o = scale * (qn[:, :, None, :] @ S)[:, :, 0, :]                 # [B, H, V]
+    read = (k[:, :, None, :] @ S_dec)[:, :, 0, :]                   # [B, H, V]
+    delta = beta[:, :, None] * (v - read)                           # [B, H, V]
+    S = S_dec + k[:, :, :, None] * delta[:, :, None, :]             # [B, H, K, V]
+    o = scale * (q[:, :, None, :] @ S)[:, :, 0, :]                  # [B, H, V]
     return o, S
 
 
-def _recurrent_vjp(q, k, v, beta, g, do, dht, scale, initial_state):
-    """Direct adjoint of the loop on processed inputs, walking t = T-1 .. 0 (module docstring).
+def _recurrence_vjp(q, k, v, beta, g, do, dht, scale, initial_state):
+    """Direct adjoint of the loop on mapped inputs, walking t = T-1 .. 0 (module docstring).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     a = np.exp(g)                                                   # [B, T, H, K]
     dq, dk, dv, dbeta, dg = (np.zeros_like(x) for x in (q, k, v, beta, g))
     dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
+    for t, S_prev, S_t in reverse_steps(_advance(k, v, beta, g), initial_state, q.shape[1]):
         kt, bt = k[:, t], beta[:, t, :, None]                       # [B, H, K], [B, H, 1]
         dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
         dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
@@ -182,55 +164,54 @@ def _recurrent_vjp(q, k, v, beta, g, do, dht, scale, initial_state):
         dS_dec = dS + kt[..., None] * dr[:, :, None, :]                # [B, H, K, V]
         dg[:, t] = np.sum(dS_dec * S_dec, axis=-1)                     # [B, H, K]
         dS = a[:, t, :, :, None] * dS_dec                              # to S_{t-1}
-
-    reverse_sweep(_advance(k, v, beta, g), initial_state, q.shape[1], visit)
     return {"q": dq, "k": dk, "v": dv, "beta": dbeta, "g": dg, "initial_state": dS}
 
 
 @vjp_form(SPEC)
 def recurrent_vjp(q, k, v, g, beta, do, dht, *, scale, initial_state, **opts):
-    """Direct adjoint of the loop (ground truth); checkpointed reverse sweep, never all T states."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _recurrent_vjp(qn, kn, v, b, g, do, dht, scale, initial_state)
-    return _pull_back(q, k, beta, grads, opts)
+    """Direct adjoint of the loop (ground truth); checkpointed reverse walk, never all T states."""
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = _recurrence_vjp(qm, km, v, bm, g, do, dht, scale, initial_state)
+    return pull_back(q, k, beta, grads, opts)
 
 
 # ----------------------------------------------------------------------------- UT/WY forms
 @forward_form(SPEC)
 def parallel(q, k, v, g, beta, *, scale, initial_state, **opts):
     """The UT-transform quadratic form over the whole sequence (one chunk of length T)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.chunkwise(qn, kn, v, b, g, scale, initial_state, max(q.shape[1], 1))
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.chunkwise(q, k, v, beta, g, scale, initial_state, max(q.shape[1], 1))
 
 
 @forward_form(SPEC, chunked=True)
 def chunkwise(q, k, v, g, beta, *, scale, initial_state, chunk_size, **opts):
     """Chunks of C = chunk_size tokens, one triangular solve each (steps in ``_delta.chunkwise``)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.chunkwise(qn, kn, v, b, g, scale, initial_state, chunk_size)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.chunkwise(q, k, v, beta, g, scale, initial_state, chunk_size)
 
 
 @matrix_form(SPEC, names=("q", "k", "g", "beta"))
 def attention_matrix(q, k, g, beta, *, scale, **opts):
     """M = scale QKD A^{-1} diag(beta): [B, HV, T, T]; o = M v when the initial state is 0."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    return _delta.attention_matrix(qn, kn, b, g, scale)
+    q, k, beta = prepare(SPEC.name, q, k, beta, opts)
+    return _delta.attention_matrix(q, k, beta, g, scale)
 
 
 @vjp_form(SPEC)
 def parallel_vjp(q, k, v, g, beta, do, dht, *, scale, initial_state, **opts):
     """Backward of the parallel form, through the triangular solve over the whole sequence."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _delta.chunkwise_vjp(qn, kn, v, b, g, do, dht, scale, initial_state, max(q.shape[1], 1))
-    return _pull_back(q, k, beta, grads, opts)
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = _delta.chunkwise_vjp(qm, km, v, bm, g, do, dht, scale, initial_state,
+                                 max(q.shape[1], 1))
+    return pull_back(q, k, beta, grads, opts)
 
 
 @vjp_form(SPEC, chunked=True)
 def chunkwise_vjp(q, k, v, g, beta, do, dht, *, scale, initial_state, chunk_size, **opts):
     """Backward of the chunkwise form (per-chunk states only, O(T/C K V) per head)."""
-    qn, kn, b = _prep(q, k, beta, opts)
-    grads = _delta.chunkwise_vjp(qn, kn, v, b, g, do, dht, scale, initial_state, chunk_size)
-    return _pull_back(q, k, beta, grads, opts)
+    qm, km, bm = prepare(SPEC.name, q, k, beta, opts)
+    grads = _delta.chunkwise_vjp(qm, km, v, bm, g, do, dht, scale, initial_state, chunk_size)
+    return pull_back(q, k, beta, grads, opts)
 
 
 def chunk_intermediates(q, k, v, g, beta, *, initial_state=None, chunk_size=64,
@@ -245,7 +226,16 @@ def chunk_intermediates(q, k, v, g, beta, *, initial_state=None, chunk_size=64,
     channel from the chunk start), final_state.
     """
     opts = {"use_qk_l2norm_in_kernel": use_qk_l2norm_in_kernel, "beta_activation": beta_activation}
-    _, kn, b = _prep(q, k, beta, opts)
+    _, k, beta = prepare(SPEC.name, q, k, beta, opts)
     if initial_state is None:
         initial_state = np.zeros((v.shape[0], v.shape[2], k.shape[3], v.shape[3]), v.dtype)
-    return _delta.chunk_intermediates(kn, v, b, g, initial_state, chunk_size)
+    return _delta.chunk_intermediates(k, v, beta, g, initial_state, chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, v ~ N(0, 1); unit-norm keys and beta in [0, 2] for "default",
+    raw keys and beta logits for "l2norm_sigmoid"; g [B, T, HV, K] from the decay regime, in
+    "hard_reset" with -inf at whole steps and at single (t, channel) entries ("beta_extremes":
+    typical decays, beta from {1e-3, 0.5, 1, 1.9})."""
+    return family_inputs(rng, regime, dims, dtype, variant, gated=True, per_channel=True)
