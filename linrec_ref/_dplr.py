@@ -84,61 +84,23 @@ Stability: the transition diag(alpha) + b a^T has no norm bound of its own. With
 structure a = -kappa, b = (c * beta_t) * kappa (|kappa| = 1, c in (0, 1]^K fixed per head,
 beta_t in [0, 1]) it is similar, through diag(c)^{1/2}, to the symmetric diag(alpha) - beta_t u u^T
 (u = c^{1/2} * kappa, |u| <= 1) whose eigenvalues lie in [-1, 1]: products of transitions stay
-bounded by sqrt(max c / min c). ``make_inputs`` draws inputs of that family.
+bounded by sqrt(max c / min c). ``dplr.make_inputs`` draws inputs of that family.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
-from . import _regimes
-from ._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
+from ._decay import (ChunkDecay, chunk_decay, decayed_mix, decayed_mix_t, decayed_scores,
+                     reverse_cumsum_in_chunks)
 from ._delta import solve_unit_lower
-from ._scan import from_chunks, reverse_chunk_carry, reverse_sweep, split_diagonal, to_chunks
-
-
-# ----------------------------------------------------------------------------- test inputs
-def _gate(rng, shape, regime, dtype):
-    """A per-channel log decay; in "hard_reset" also single channels reset (-inf) at ~5% of the
-    (t, channel) entries after t = 0, on top of the whole-step resets of the regime."""
-    w = _regimes.log_decay(rng, shape, regime, np.float64)
-    if regime == "hard_reset":
-        partial = rng.uniform(size=shape) < 0.05
-        partial[:, 0] = False
-        w[partial] = -np.inf
-    return w.astype(dtype)
-
-
-def random_inputs(rng, regime, dims, dtype):
-    """Valid random inputs of a stable DPLR recurrence (RWKV-7's structure), as float ``dtype``:
-
-    q, k, v ~ N(0, 1); w from the decay regime (per channel, with partial resets in hard_reset);
-    kappa unit norm per token; a = -kappa; b = beta_t * c * kappa with beta_t ~ U(0, 1) per token
-    and c ~ U(0.2, 1)^K per (batch, head), fixed over time. Every transition
-    diag(e^w) - beta_t diag(c) kappa kappa^T is then a contraction in the norm |diag(c)^{-1/2} x|
-    (module docstring), so states stay bounded for any T, also across hard resets (the low-rank
-    term keeps reading the state where e^w = 0).
-    Grouped heads: q, k have H heads; v, a, b, w have HV = dims.get("HV", H) heads.
-    Returns a dict with keys q, k, v, a, b, w.
-    """
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    HV = dims.get("HV", H)
-    kappa = rng.standard_normal((B, T, HV, K))
-    kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)          # [B, T, HV, K], unit norm
-    c = rng.uniform(0.2, 1.0, size=(B, 1, HV, K))                   # fixed over time
-    beta = rng.uniform(0.0, 1.0, size=(B, T, HV, 1))
-    return {
-        "q": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, HV, V), dtype),
-        "a": (-kappa).astype(dtype),
-        "b": (beta * c * kappa).astype(dtype),
-        "w": _gate(rng, (B, T, HV, K), regime, dtype),
-    }
+from ._scan import from_chunks, reverse_chunk_carry, reverse_steps, split_diagonal, to_chunks
 
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(k, v, a, b, w):
-    """One step S_{t-1} -> S_t as a function of (S, t), for loops and reverse sweeps."""
+    """One step S_{t-1} -> S_t as a function of (S, t), for loops and reverse walks."""
     alpha = np.exp(w)                                               # [B, T, H, K]
 
     def advance(S, t):
@@ -172,14 +134,12 @@ def step(q, k, v, a, b, w, *, state, scale):
 
 def recurrent_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state):
     """Direct adjoint of the loop, walking t = T-1 .. 0 (ground-truth backward; equations in the
-    module docstring). Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``),
+    module docstring). Memory: states are recomputed from checkpoints (``_scan.reverse_steps``),
     never all T kept."""
     alpha = np.exp(w)                                               # [B, T, H, K]
     dq, dk, dv, da, db, dw = (np.zeros_like(x) for x in (q, k, v, a, b, w))
     dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
+    for t, S_prev, S_t in reverse_steps(_advance(k, v, a, b, w), initial_state, q.shape[1]):
         dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
         dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
         x = (a[:, t, :, None, :] @ S_prev)[:, :, 0, :]                 # [B, H, V]
@@ -190,19 +150,39 @@ def recurrent_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state):
         da[:, t] = (S_prev @ dx[..., None])[..., 0]                    # [B, H, K]
         dw[:, t] = alpha[:, t] * np.sum(dS * S_prev, axis=-1)          # [B, H, K]
         dS = alpha[:, t, :, :, None] * dS + a[:, t, :, :, None] * dx[:, :, None, :]  # to S_{t-1}
-
-    reverse_sweep(_advance(k, v, a, b, w), initial_state, q.shape[1], visit)
     return {"q": dq, "k": dk, "v": dv, "a": da, "b": db, "w": dw, "initial_state": dS}
 
 
 # ----------------------------------------------------------------------------- chunk parts
-def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None):
-    """Steps 1-4 of the chunkwise form (module docstring, (2)-(5)); everything per chunk.
+class ChunkParts(NamedTuple):
+    """Steps 1-4 of the chunkwise form for every chunk; arrays [B, H, N, ...] (module docstring)."""
 
-    Returns a dict of chunked arrays [B, H, N, C, ...] (see ``chunk_intermediates``), the two
-    ``_decay.ChunkDecay`` objects ("decay_incl": inclusive, "decay_strict": strict) and the final
-    state.
-    """
+    qc: np.ndarray              # [B, H, N, C, K]  chunked inputs
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    ac: np.ndarray              # [B, H, N, C, K]
+    bc: np.ndarray              # [B, H, N, C, K]
+    wc: np.ndarray              # [B, H, N, C, K]
+    decay_incl: ChunkDecay      # inclusive: G_t - G_s, s <= t (the output read)
+    decay_strict: ChunkDecay    # strict: G_{t-1} - G_s, s < t (the low-rank read)
+    Wqk: np.ndarray             # [B, H, N, C, C]  inclusive decayed scores of q with k
+    Wqb: np.ndarray             # [B, H, N, C, C]  ... of q with b
+    Wak: np.ndarray             # [B, H, N, C, C]  strict decayed scores of a with k
+    Wab: np.ndarray             # [B, H, N, C, C]  ... of a with b
+    A_inv: np.ndarray           # [B, H, N, C, C]  (I - Wab)^{-1}
+    a_read: np.ndarray          # [B, H, N, C, K]  a_t e^{G_{t-1}}
+    W: np.ndarray               # [B, H, N, C, K]  A_inv a_read
+    u: np.ndarray               # [B, H, N, C, V]  A_inv Wak V
+    k_end: np.ndarray           # [B, H, N, C, K]  k_s e^{G_C - G_s}
+    b_end: np.ndarray           # [B, H, N, C, K]  b_s e^{G_C - G_s}
+    P: np.ndarray               # [B, H, N, K, K]  the chunk's transition
+    U: np.ndarray               # [B, H, N, K, V]  the chunk's input
+    S_in: np.ndarray            # [B, H, N, K, V]  the state entering each chunk
+    final_state: np.ndarray     # [B, H, K, V]
+
+
+def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None) -> ChunkParts:
+    """Steps 1-4 of the chunkwise form (module docstring, (2)-(5)); everything per chunk."""
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
     ac, bc, wc = to_chunks(a, C), to_chunks(b, C), to_chunks(w, C)  # [B, H, N, C, K]
     decay_incl = chunk_decay(wc, strict=False, fast_bound=fast_bound)   # G_t - G_s, s <= t
@@ -231,10 +211,10 @@ def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None):
     for n in range(U.shape[2]):
         S_in[:, :, n] = S
         S = P[:, :, n] @ S + U[:, :, n]
-    return dict(qc=qc, kc=kc, vc=vc, ac=ac, bc=bc, wc=wc, decay_incl=decay_incl,
-                decay_strict=decay_strict, Wqk=Wqk, Wqb=Wqb,
-                Wak=Wak, Wab=Wab, A_inv=A_inv, a_read=a_read, W=W, u=u, k_end=k_end,
-                b_end=b_end, P=P, U=U, S_in=S_in, final_state=S)
+    return ChunkParts(qc=qc, kc=kc, vc=vc, ac=ac, bc=bc, wc=wc, decay_incl=decay_incl,
+                      decay_strict=decay_strict, Wqk=Wqk, Wqb=Wqb, Wak=Wak, Wab=Wab, A_inv=A_inv,
+                      a_read=a_read, W=W, u=u, k_end=k_end, b_end=b_end, P=P, U=U, S_in=S_in,
+                      final_state=S)
 
 
 def _chunk_len(chunk_size, T):
@@ -256,10 +236,11 @@ def chunk_intermediates(q, k, v, a, b, w, initial_state, chunk_size, fast_bound=
         U      [B, H, N, K, V]  K_end^T V + B_end^T u, the chunk's input (S_end = P S_in + U)
         final_state [B, H, K, V]
     """
-    p = _chunk_parts(q, k, v, a, b, w, initial_state, _chunk_len(chunk_size, q.shape[1]), fast_bound)
-    X = p["u"] + p["W"] @ p["S_in"]                                 # [B, H, N, C, V]
+    C = _chunk_len(chunk_size, q.shape[1])
+    p = _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound)
+    X = p.u + p.W @ p.S_in                                          # [B, H, N, C, V]
     keep = ("S_in", "Wqk", "Wqb", "Wak", "Wab", "A_inv", "W", "u", "P", "U", "final_state")
-    return dict({n: p[n] for n in keep}, X=X)
+    return dict({n: getattr(p, n) for n in keep}, X=X)
 
 
 # ----------------------------------------------------------------------------- forward
@@ -272,12 +253,13 @@ def chunked_forward(q, k, v, a, b, w, *, scale, initial_state, chunk_size, fast_
     fast_bound: see ``_decay.chunk_decay`` (None: the dtype's default; for tests).
     """
     T = q.shape[1]
-    p = _chunk_parts(q, k, v, a, b, w, initial_state, _chunk_len(chunk_size, T), fast_bound)  # 1.-4.
-    S_in = p["S_in"]
-    X = p["u"] + p["W"] @ S_in                                      # 5. [B, H, N, C, V]
-    o = (p["qc"] * p["decay_incl"].exp_Gq) @ S_in + p["Wqk"] @ p["vc"] + p["Wqb"] @ X   # 6. [B, H, N, C, V]
+    C = _chunk_len(chunk_size, T)
+    p = _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound)  # 1.-4.
+    S_in = p.S_in
+    X = p.u + p.W @ S_in                                            # 5. [B, H, N, C, V]
+    o = (p.qc * p.decay_incl.exp_Gq) @ S_in + p.Wqk @ p.vc + p.Wqb @ X   # 6. [B, H, N, C, V]
     o *= scale
-    return from_chunks(o, T), p["final_state"]
+    return from_chunks(o, T), p.final_state
 
 
 def attention_matrix(q, k, a, b, w, *, scale):
@@ -287,7 +269,7 @@ def attention_matrix(q, k, a, b, w, *, scale):
     zeros_v = np.zeros((B, T, H, 1), dtype=q.dtype)                 # v does not enter M
     S0 = np.zeros((B, H, K, 1), dtype=q.dtype)
     p = _chunk_parts(q, k, zeros_v, a, b, w, S0, max(T, 1))
-    M = p["Wqk"] + p["Wqb"] @ (p["A_inv"] @ p["Wak"])               # [B, H, 1, T, T]
+    M = p.Wqk + p.Wqb @ (p.A_inv @ p.Wak)                           # [B, H, 1, T, T]
     return scale * M[:, :, 0]                                       # [B, H, T, T]
 
 
@@ -304,19 +286,19 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
     T = q.shape[1]
     C = _chunk_len(chunk_size, T)
     p = _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound)  # 1.
-    qc, kc, vc, ac, bc, decay_incl, decay_strict = (
-        p[n] for n in ("qc", "kc", "vc", "ac", "bc", "decay_incl", "decay_strict"))
-    S_in, S_T = p["S_in"], p["final_state"]
-    X = p["u"] + p["W"] @ S_in                                      # [B, H, N, C, V]
+    qc, kc, vc, ac, bc = p.qc, p.kc, p.vc, p.ac, p.bc
+    decay_incl, decay_strict = p.decay_incl, p.decay_strict
+    S_in, S_T = p.S_in, p.final_state
+    X = p.u + p.W @ S_in                                            # [B, H, N, C, V]
     doc = to_chunks(do, C)                                          # [B, H, N, C, V]
     # 2. state cotangents at every chunk end
-    dX_local = scale * (p["Wqb"].swapaxes(-1, -2) @ doc)            # [B, H, N, C, V]
+    dX_local = scale * (p.Wqb.swapaxes(-1, -2) @ doc)               # [B, H, N, C, V]
     q_read = qc * decay_incl.exp_Gq                                 # [B, H, N, C, K]
-    local = scale * (q_read.swapaxes(-1, -2) @ doc) + p["W"].swapaxes(-1, -2) @ dX_local  # [.., K, V]
-    dS_end, dh0 = reverse_chunk_carry(p["P"], local, dht)           # [B, H, N, K, V], [B, H, K, V]
+    local = scale * (q_read.swapaxes(-1, -2) @ doc) + p.W.swapaxes(-1, -2) @ dX_local   # [.., K, V]
+    dS_end, dh0 = reverse_chunk_carry(p.P, local, dht)              # [B, H, N, K, V], [B, H, K, V]
     # 3. through the solve
-    dX = dX_local + p["b_end"] @ dS_end                             # [B, H, N, C, V]
-    dR = p["A_inv"].swapaxes(-1, -2) @ dX                           # [B, H, N, C, V]
+    dX = dX_local + p.b_end @ dS_end                                # [B, H, N, C, V]
+    dR = p.A_inv.swapaxes(-1, -2) @ dX                              # [B, H, N, C, V]
     dWab = dR @ X.swapaxes(-1, -2)                                  # [B, H, N, C, C] (masked in mix)
     dWak = dR @ vc.swapaxes(-1, -2)                                 # [B, H, N, C, C]
     dWqk, dqk_diag = split_diagonal(scale * (doc @ vc.swapaxes(-1, -2)))  # [.., C, C], [.., C, 1]
@@ -330,14 +312,14 @@ def chunked_vjp(q, k, v, a, b, w, *, do, dht, scale, initial_state, chunk_size, 
           + decay_incl.to_end * (X @ dS_end.swapaxes(-1, -2)))      # [B, H, N, C, K]
     da = (decayed_mix(dWab, bc, decay_strict) + decayed_mix(dWak, kc, decay_strict)
           + decay_strict.exp_Gq * (dR @ S_in.swapaxes(-1, -2)))     # [B, H, N, C, K]
-    dv = (scale * (p["Wqk"].swapaxes(-1, -2) @ doc) + p["Wak"].swapaxes(-1, -2) @ dR
-          + p["k_end"] @ dS_end)                                    # [B, H, N, C, V]
+    dv = (scale * (p.Wqk.swapaxes(-1, -2) @ doc) + p.Wak.swapaxes(-1, -2) @ dR
+          + p.k_end @ dS_end)                                       # [B, H, N, C, V]
     # 5. gate identity per chunk; S_end[n] = S_in[n+1], the last one is the final state
     S_end = np.concatenate([S_in[:, :, 1:], S_T[:, :, None]], axis=2)  # [B, H, N, K, V]
     dG = qc * dq - kc * dk - bc * db                                # [B, H, N, C, K]
     dG[..., :-1, :] += (ac * da)[..., 1:, :]                        # a_t is read at G_{t-1}
     dG[..., -1, :] += np.sum(dS_end * S_end, axis=-1)
-    dw = reverse_cumsum_in_chunks(dG, reset=np.isneginf(p["wc"]))   # [B, H, N, C, K]
+    dw = reverse_cumsum_in_chunks(dG, reset=np.isneginf(p.wc))      # [B, H, N, C, K]
     dq += dqk_diag * kc + dqb_diag * bc                             # the s = t terms
     dk += dqk_diag * qc
     db += dqb_diag * qc

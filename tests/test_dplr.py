@@ -10,7 +10,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from linrec_ref import InputError, _dplr, testing
+from linrec_ref import InputError, _dplr, _regimes, testing
 from linrec_ref.ops import dplr as op
 
 FORWARDS = ("recurrent", "parallel", "chunkwise")
@@ -90,7 +90,7 @@ def _kda_mapping(seed=0, T=11, B=2, H=2, K=5, V=4, regime="hard_reset"):
     k = rng.standard_normal((B, T, H, K))
     k /= np.linalg.norm(k, axis=-1, keepdims=True)
     kda_x = {"q": rng.standard_normal((B, T, H, K)), "k": k, "v": rng.standard_normal((B, T, H, V)),
-             "g": _dplr._gate(rng, (B, T, H, K), regime, np.float64),
+             "g": _regimes.log_decay_per_channel(rng, (B, T, H, K), regime, np.float64),
              "beta": rng.choice([0.0, 0.3, 1.0, 1.9], size=(B, T, H)),
              "initial_state": rng.standard_normal((B, H, K, V))}
     beta = kda_x["beta"][..., None]

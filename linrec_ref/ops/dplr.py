@@ -45,7 +45,7 @@ Gradients (hand-written). recurrent_vjp is the direct adjoint (dS_t the cotangen
     dS_t += scale q_t do_t^T,  dq_t = scale S_t do_t,  dx_t = dS_t^T b_t,  x_t = a_t^T S_{t-1}
     dk_t = dS_t v_t,  dv_t = dS_t^T k_t,  db_t = dS_t x_t,  da_t = S_{t-1} dx_t
     dw_t = exp(w_t) * rowsum(dS_t * S_{t-1}),  dS_{t-1} = diag(exp(w_t)) dS_t + a_t dx_t^T,
-walking t backwards with ``_scan.reverse_sweep`` (checkpointed: never all T states).
+walking t backwards with ``_scan.reverse_steps`` (checkpointed: never all T states).
 parallel_vjp and chunkwise_vjp go through the triangular solve (dR = A_inv^T dX, dWab = dR X^T)
 and get dw from the gate identity dL/dG_u = q_u.dq_u + a_{u+1}.da_{u+1} - k_u.dk_u - b_u.db_u
 (+ the end-state term), reverse-summed inside each chunk and exactly 0 at w = -inf.
@@ -68,16 +68,12 @@ Yang et al., "Parallelizing Linear Transformers with the Delta Rule over Sequenc
 """
 from __future__ import annotations
 
+import numpy as np
+
 from .. import _dplr, _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._spec import Arg, OpSpec
 
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, k, v ~ N(0, 1); w from the decay regime (per channel, partial
-    resets in "hard_reset"); a = -kappa, b = beta_t c * kappa (a stable RWKV-7-structured DPLR,
-    see ``linrec_ref._dplr.random_inputs``)."""
-    return _dplr.random_inputs(rng, regime, dims, dtype)
 
 
 SPEC = OpSpec(
@@ -91,7 +87,7 @@ SPEC = OpSpec(
             Arg("b", "B T HV K"), Arg("w", "B T HV K", log_gate=True)),
     output="B T HV V",
     state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.generalized_delta_rule.chunk_dplr_delta_rule (q, k, v, a, b, gk=w)",
            "fla.ops.generalized_delta_rule.fused_recurrent_dplr_delta_rule (q, k, v, a, b, gk=w)"),
     regimes=tuple(_regimes.DECAY_REGIMES),
@@ -113,7 +109,7 @@ def step(q, k, v, a, b, w, *, state, scale):
 
 @vjp_form(SPEC)
 def recurrent_vjp(q, k, v, a, b, w, do, dht, *, scale, initial_state):
-    """Direct adjoint of the loop (ground truth), checkpointed reverse sweep (``_dplr``)."""
+    """Direct adjoint of the loop (ground truth), checkpointed reverse walk (``_dplr``)."""
     return _dplr.recurrent_vjp(q, k, v, a, b, w, do=do, dht=dht, scale=scale,
                                initial_state=initial_state)
 
@@ -161,3 +157,32 @@ def chunkwise_vjp(q, k, v, a, b, w, do, dht, *, scale, initial_state, chunk_size
 
 
 chunk_intermediates = _dplr.chunk_intermediates
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs of a stable DPLR recurrence (RWKV-7's structure), as float ``dtype``:
+
+    q, k, v ~ N(0, 1); w from the decay regime (per channel, with partial resets in hard_reset);
+    kappa unit norm per token; a = -kappa; b = beta_t * c * kappa with beta_t ~ U(0, 1) per token
+    and c ~ U(0.2, 1)^K per (batch, head), fixed over time. Every transition
+    diag(e^w) - beta_t diag(c) kappa kappa^T is then a contraction in the norm |diag(c)^{-1/2} x|
+    (``linrec_ref._dplr`` docstring), so states stay bounded for any T, also across hard resets
+    (the low-rank term keeps reading the state where e^w = 0).
+    Grouped heads: q, k have H heads; v, a, b, w have HV = dims.get("HV", H) heads.
+    Returns a dict with keys q, k, v, a, b, w.
+    """
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    HV = dims.get("HV", H)
+    kappa = rng.standard_normal((B, T, HV, K))
+    kappa /= np.linalg.norm(kappa, axis=-1, keepdims=True)          # [B, T, HV, K], unit norm
+    c = rng.uniform(0.2, 1.0, size=(B, 1, HV, K))                   # fixed over time
+    beta = rng.uniform(0.0, 1.0, size=(B, T, HV, 1))
+    return {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, HV, V), dtype),
+        "a": (-kappa).astype(dtype),
+        "b": (beta * c * kappa).astype(dtype),
+        "w": _regimes.log_decay_per_channel(rng, (B, T, HV, K), regime, dtype),
+    }

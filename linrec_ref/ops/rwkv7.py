@@ -49,14 +49,8 @@ from __future__ import annotations
 from .. import _dplr, _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._spec import Arg, OpSpec
+from . import dplr
 
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs with RWKV-7's structure: r, k, v ~ N(0, 1); w from the decay regime;
-    a = -kappa_hat, b = kappa_hat * a_coef with a_coef = beta_t c in [0, 1]^K, c fixed per head
-    (stable for any T; see ``linrec_ref._dplr.random_inputs``)."""
-    x = _dplr.random_inputs(rng, regime, dims, dtype)
-    return {"r": x["q"], "w": x["w"], "k": x["k"], "v": x["v"], "a": x["a"], "b": x["b"]}
 
 
 SPEC = OpSpec(
@@ -71,7 +65,7 @@ SPEC = OpSpec(
             Arg("v", "B T HV V"), Arg("a", "B T HV K"), Arg("b", "B T HV K")),
     output="B T HV V",
     state=(Arg("state", "N HV K V"),),
-    default_scale=lambda d: 1.0,
+    default_scale=lambda dims: 1.0,
     peers=("fla.ops.rwkv7.chunk_rwkv7 (r, w as log decay, k, v, a, b; scale 1.0)",
            "fla.ops.rwkv7.fused_recurrent_rwkv7 (same)"),
     regimes=tuple(_regimes.DECAY_REGIMES),
@@ -79,9 +73,9 @@ SPEC = OpSpec(
 )
 
 
-def _grads(g):
+def _grads(grads):
     """dplr's gradient dict -> rwkv7's names (dq is dr)."""
-    out = dict(g)
+    out = dict(grads)
     out["r"] = out.pop("q")
     return out
 
@@ -101,7 +95,7 @@ def step(r, w, k, v, a, b, *, state, scale):
 
 @vjp_form(SPEC)
 def recurrent_vjp(r, w, k, v, a, b, do, dht, *, scale, initial_state):
-    """Direct adjoint of the loop (ground truth), checkpointed reverse sweep."""
+    """Direct adjoint of the loop (ground truth), checkpointed reverse walk."""
     return _grads(_dplr.recurrent_vjp(r, k, v, a, b, w, do=do, dht=dht, scale=scale,
                                       initial_state=initial_state))
 
@@ -143,3 +137,12 @@ def chunkwise_vjp(r, w, k, v, a, b, do, dht, *, scale, initial_state, chunk_size
 def chunk_intermediates(r, w, k, v, a, b, initial_state, chunk_size):
     """dplr's per-chunk intermediates (``linrec_ref._dplr.chunk_intermediates``) with q = r."""
     return _dplr.chunk_intermediates(r, k, v, a, b, w, initial_state, chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs with RWKV-7's structure: r, k, v ~ N(0, 1); w from the decay regime;
+    a = -kappa_hat, b = kappa_hat * a_coef with a_coef = beta_t c in [0, 1]^K, c fixed per head
+    (stable for any T; see ``dplr.make_inputs``)."""
+    x = dplr.make_inputs(rng, regime, dims, dtype)
+    return {"r": x["q"], "w": x["w"], "k": x["k"], "v": x["v"], "a": x["a"], "b": x["b"]}
