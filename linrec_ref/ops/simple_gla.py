@@ -38,23 +38,14 @@ Attention Transformers with Hardware-Efficient Training", 2024.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, reverse_cumsum, reverse_sweep, segsum, to_chunks
+from .._scan import from_chunks, reverse_cumsum, reverse_steps, segsum, to_chunks
 from .._spec import Arg, OpSpec
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, k, v ~ N(0, 1); g from the decay regime."""
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    return {
-        "q": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, H, V), dtype),
-        "g": _regimes.log_decay(rng, (B, T, H), regime, dtype),
-    }
 
 
 SPEC = OpSpec(
@@ -65,7 +56,7 @@ SPEC = OpSpec(
     inputs=(Arg("q", "BTHK"), Arg("k", "BTHK"), Arg("v", "BTHV"), Arg("g", "BTH", log_gate=True)),
     output="BTHV",
     state=(Arg("state", "NHKV"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.simple_gla.chunk_simple_gla", "fla.ops.simple_gla.fused_recurrent_simple_gla",
            "mamba_ssm ssd_minimal_discrete (q=C, k=B, v=x*dt, g=A*dt, scale=1)"),
     regimes=tuple(_regimes.DECAY_REGIMES),
@@ -75,7 +66,7 @@ SPEC = OpSpec(
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(q, k, v, g):
-    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse sweeps."""
+    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse walks."""
     a = np.exp(g)                                                   # [B, T, H]
 
     def advance(S, t):
@@ -109,22 +100,18 @@ def step(q, k, v, g, *, state, scale):
 def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
     """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dS (ground truth).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     a = np.exp(g)                                                   # [B, T, H]
     dq, dk, dv, dg = (np.zeros_like(x) for x in (q, k, v, g))
     dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
+    for t, S_prev, S_t in reverse_steps(_advance(q, k, v, g), initial_state, q.shape[1]):
         dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
         dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
         dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]                  # [B, H, K]
         dv[:, t] = (k[:, t, :, None, :] @ dS)[:, :, 0, :]              # [B, H, V]
         dg[:, t] = a[:, t] * np.sum(dS * S_prev, axis=(-2, -1))        # d/dg of a_t S_{t-1}
         dS = a[:, t, :, None, None] * dS                               # to S_{t-1}
-
-    reverse_sweep(_advance(q, k, v, g), initial_state, q.shape[1], visit)
     return {"q": dq, "k": dk, "v": dv, "g": dg, "initial_state": dS}
 
 
@@ -186,11 +173,22 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state):
 
 
 # ----------------------------------------------------------------------------- chunkwise
-def _chunk_parts(q, k, v, g, scale, initial_state, C):
-    """Steps 1-3 of the chunkwise form, shared by forward and backward.
+class ChunkParts(NamedTuple):
+    """Steps 1-3 of the chunkwise form, shared by forward and backward; arrays [B, H, N, ...]."""
 
-    Returns chunked inputs, the intra-chunk decay mask, and the state entering every chunk.
-    """
+    qc: np.ndarray              # [B, H, N, C, K]  chunked inputs
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    D: np.ndarray               # [B, H, N, C, C]  exp(g_{s+1} + .. + g_t), s <= t
+    M: np.ndarray               # [B, H, N, C, C]  scale (Q K^T) * D
+    a_from_start: np.ndarray    # [B, H, N, C]     exp(g_first + .. + g_t)
+    a_to_end: np.ndarray        # [B, H, N, C]     exp(g_{s+1} + .. + g_last)
+    S_in: np.ndarray            # [B, H, N, K, V]  the state entering each chunk
+    final_state: np.ndarray     # [B, H, K, V]
+
+
+def _chunk_parts(q, k, v, g, scale, initial_state, C) -> ChunkParts:
+    """Steps 1-3 of the chunkwise form, shared by forward and backward."""
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
     gc = to_chunks(g, C)                                            # [B, H, N, C]
     # 1. intra-chunk decay mask and scores (the parallel form on each chunk)
@@ -207,7 +205,8 @@ def _chunk_parts(q, k, v, g, scale, initial_state, C):
     for n in range(U.shape[2]):
         S_in[:, :, n] = S
         S = a_chunk[:, :, n, None, None] * S + U[:, :, n]
-    return qc, kc, vc, D, M, a_from_start, a_to_end, S_in, S
+    return ChunkParts(qc=qc, kc=kc, vc=vc, D=D, M=M, a_from_start=a_from_start,
+                      a_to_end=a_to_end, S_in=S_in, final_state=S)
 
 
 @forward_form(SPEC, chunked=True)
@@ -219,10 +218,9 @@ def chunkwise(q, k, v, g, *, scale, initial_state, chunk_size):
     3. carry: S_n = exp(sum of the chunk's g) S_{n-1} + U_n, one loop over chunks
     4. output: intra + scale * exp(g_first + .. + g_t) S_{n-1}^T q_t
     """
-    qc, kc, vc, D, M, a_from_start, _, S_in, S_T = _chunk_parts(
-        q, k, v, g, scale, initial_state, chunk_size)
-    o = M @ vc + scale * a_from_start[..., None] * (qc @ S_in)      # 4. [B, H, N, C, V]
-    return from_chunks(o, q.shape[1]), S_T
+    p = _chunk_parts(q, k, v, g, scale, initial_state, chunk_size)
+    o = p.M @ p.vc + scale * p.a_from_start[..., None] * (p.qc @ p.S_in)   # 4. [B, H, N, C, V]
+    return from_chunks(o, q.shape[1]), p.final_state
 
 
 @vjp_form(SPEC, chunked=True)
@@ -235,8 +233,9 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size):
     4. dg from the gate identity, reverse-summed inside each chunk
     """
     T, C = q.shape[1], chunk_size
-    qc, kc, vc, D, M, a_from_start, a_to_end, S_in, S_T = _chunk_parts(
-        q, k, v, g, scale, initial_state, C)
+    p = _chunk_parts(q, k, v, g, scale, initial_state, C)
+    qc, kc, vc, S_in, S_T = p.qc, p.kc, p.vc, p.S_in, p.final_state
+    D, M, a_from_start, a_to_end = p.D, p.M, p.a_from_start, p.a_to_end
     doc = to_chunks(do, C)                                          # [B, H, N, C, V]
     N = qc.shape[2]
     a_chunk = a_from_start[..., -1]                                 # [B, H, N]
@@ -261,3 +260,15 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size):
     dg = reverse_cumsum(dG, axis=-1)                                # [B, H, N, C]
     return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
             "g": from_chunks(dg, T), "initial_state": dh0}
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, k, v ~ N(0, 1); g from the decay regime."""
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    return {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "g": _regimes.log_decay(rng, (B, T, H), regime, dtype),
+    }
