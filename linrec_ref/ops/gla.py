@@ -56,38 +56,16 @@ the "gv" of the paper's general form S_t = (alpha_t^T beta_t) * S_{t-1} + k_t^T 
 """
 from __future__ import annotations
 
+from typing import NamedTuple, Optional
+
 import numpy as np
 
 from .. import _regimes
-from .._decay import chunk_decay, decayed_mix, decayed_mix_t, decayed_scores, reverse_cumsum_in_chunks
+from .._decay import (ChunkDecay, chunk_decay, decayed_mix, decayed_mix_t, decayed_scores,
+                      reverse_cumsum_in_chunks)
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import chunk_view, from_chunks, reverse_sweep, segsum, split_diagonal, to_chunks
+from .._scan import chunk_view, from_chunks, reverse_steps, segsum, split_diagonal, to_chunks
 from .._spec import Arg, OpSpec
-
-
-def _gate(rng, shape, regime, dtype):
-    """A per-channel log gate; in "hard_reset" also single channels reset (-inf) at ~5% of
-    (t, channel) entries after t = 0, on top of the whole-step resets of the regime."""
-    g = _regimes.log_decay(rng, shape, regime, np.float64)
-    if regime == "hard_reset":
-        partial = rng.uniform(size=shape) < 0.05
-        partial[:, 0] = False
-        g[partial] = -np.inf
-    return g.astype(dtype)
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, k, v ~ N(0, 1); g (and gv for "value_gate") from the regime."""
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    x = {
-        "q": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, H, V), dtype),
-        "g": _gate(rng, (B, T, H, K), regime, dtype),
-    }
-    if variant == "value_gate":
-        x["gv"] = _gate(rng, (B, T, H, V), regime, dtype)
-    return x
 
 
 SPEC = OpSpec(
@@ -100,7 +78,7 @@ SPEC = OpSpec(
     output="BTHV",
     quadratic="B H K T T",  # the per-channel decay masks of the parallel form
     state=(Arg("state", "NHKV"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.gla.chunk_gla (g)", "fla.ops.gla.fused_recurrent_gla (gk=g, gv=gv)"),
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
@@ -110,7 +88,7 @@ SPEC = OpSpec(
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(q, k, v, g, gv):
-    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse sweeps."""
+    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse walks."""
     a = np.exp(g)                                                   # [B, T, H, K]
     b = None if gv is None else np.exp(gv)                          # [B, T, H, V]
 
@@ -153,15 +131,13 @@ def recurrent_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
 
     dg_t = rowsum(dS_t * P_t) and dgv_t = colsum(dS_t * P_t) with P_t = diag(a_t) S_{t-1}
     diag(b_t), computed directly. Memory: states are recomputed from checkpoints
-    (``_scan.reverse_sweep``), never all T kept.
+    (``_scan.reverse_steps``), never all T kept.
     """
     advance, decayed = _advance(q, k, v, g, gv)
     dq, dk, dv, dg = (np.zeros_like(x) for x in (q, k, v, g))
     dgv = None if gv is None else np.zeros_like(gv)
     dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
+    for t, S_prev, S_t in reverse_steps(advance, initial_state, q.shape[1]):
         dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
         dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
         dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]                  # [B, H, K]
@@ -171,8 +147,6 @@ def recurrent_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
         if gv is not None:
             dgv[:, t] = dSP.sum(-2)                                    # [B, H, V]
         dS = decayed(dS, t)                                            # to S_{t-1}
-
-    reverse_sweep(advance, initial_state, q.shape[1], visit)
     return {"q": dq, "k": dk, "v": dv, "g": dg, "gv": dgv, "initial_state": dS}
 
 
@@ -197,14 +171,31 @@ def attention_matrix(q, k, g, *, scale):
     return scale * np.einsum("bhtk,bhsk,bhkts->bhts", _heads(q), _heads(k), _decay_mask(g))
 
 
-def _parallel_parts(q, k, v, g, gv, scale, initial_state):
+class ParallelParts(NamedTuple):
     """Shared by the parallel forward and backward: masks, scores, output and final state."""
+
+    qh: np.ndarray              # [B, H, T, K]  head-major inputs
+    kh: np.ndarray              # [B, H, T, K]
+    vh: np.ndarray              # [B, H, T, V]
+    Dk: np.ndarray              # [B, H, K, T, T]  key-side decay mask exp(G_t - G_s), s <= t
+    Dv: Optional[np.ndarray]    # [B, H, V, T, T]  value-side decay mask (None without gv)
+    A: np.ndarray               # [B, H, T, T]  scale sum_k q_t k_s Dk[k, t, s]
+    k_from_start: np.ndarray    # [B, H, T, K]  exp(G_t), G from the sequence start
+    v_from_start: object        # [B, H, T, V]  exp(Gv_t), or 1.0 without gv
+    k_end: np.ndarray           # [B, H, T, K]  k_s exp(G_T - G_s)
+    v_end: np.ndarray           # [B, H, T, V]  v_s exp(Gv_T - Gv_s)
+    o: np.ndarray               # [B, H, T, V]
+    final_state: np.ndarray     # [B, H, K, V]
+
+
+def _parallel_parts(q, k, v, g, gv, scale, initial_state) -> ParallelParts:
+    """The parallel form's masks, scores, output and final state (``ParallelParts``)."""
     qh, kh, vh = _heads(q), _heads(k), _heads(v)                    # [B, H, T, K|V]
     Dk = _decay_mask(g)                                             # [B, H, K, T, T]
     Dv = None if gv is None else _decay_mask(gv)                    # [B, H, V, T, T]
     A = scale * np.einsum("bhtk,bhsk,bhkts->bhts", qh, kh, Dk)      # [B, H, T, T]
-    ak0 = np.exp(np.cumsum(_heads(g), axis=2))                      # [B, H, T, K]: exp(G_t), G from t=0
-    av0 = 1.0 if gv is None else np.exp(np.cumsum(_heads(gv), axis=2))  # [B, H, T, V]
+    k_from_start = np.exp(np.cumsum(_heads(g), axis=2))             # [B, H, T, K]: exp(G_t), G from t=0
+    v_from_start = 1.0 if gv is None else np.exp(np.cumsum(_heads(gv), axis=2))   # [B, H, T, V]
     k_end = kh * Dk[..., -1, :].swapaxes(-1, -2)                    # [B, H, T, K]: k_s exp(G_T - G_s)
     if gv is None:
         o = A @ vh                                                  # [B, H, T, V]
@@ -212,26 +203,28 @@ def _parallel_parts(q, k, v, g, gv, scale, initial_state):
     else:
         o = np.einsum("bhts,bhsv,bhvts->bhtv", A, vh, Dv)           # [B, H, T, V]
         v_end = vh * Dv[..., -1, :].swapaxes(-1, -2)                # [B, H, T, V]
-    o = o + scale * av0 * ((qh * ak0) @ initial_state)              # read of S_0
-    decay_all = ak0[..., -1, :, None] * initial_state               # [B, H, K, V]
+    o = o + scale * v_from_start * ((qh * k_from_start) @ initial_state)   # read of S_0
+    decay_all = k_from_start[..., -1, :, None] * initial_state      # [B, H, K, V]
     if gv is not None:
-        decay_all = decay_all * av0[..., -1, None, :]
+        decay_all = decay_all * v_from_start[..., -1, None, :]
     S_T = decay_all + k_end.swapaxes(-1, -2) @ v_end                # [B, H, K, V]
-    return qh, kh, vh, Dk, Dv, A, ak0, av0, k_end, v_end, o, S_T
+    return ParallelParts(qh=qh, kh=kh, vh=vh, Dk=Dk, Dv=Dv, A=A, k_from_start=k_from_start,
+                         v_from_start=v_from_start, k_end=k_end, v_end=v_end, o=o, final_state=S_T)
 
 
 @forward_form(SPEC)
 def parallel(q, k, v, g, gv, *, scale, initial_state):
     """o_t = sum_{s<=t} A[t, s] (v_s * exp(Gv_t - Gv_s)) + scale exp(Gv_t) * (S_0^T (q_t exp(G_t)))."""
-    *_, o, S_T = _parallel_parts(q, k, v, g, gv, scale, initial_state)
-    return _heads(o), S_T
+    p = _parallel_parts(q, k, v, g, gv, scale, initial_state)
+    return _heads(p.o), p.final_state
 
 
 @vjp_form(SPEC)
 def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
     """Backward of the parallel form: einsums over the decay masks, then the gate identity."""
-    qh, kh, vh, Dk, Dv, A, ak0, av0, k_end, v_end, o, S_T = _parallel_parts(
-        q, k, v, g, gv, scale, initial_state)
+    p = _parallel_parts(q, k, v, g, gv, scale, initial_state)
+    qh, kh, vh, Dk, Dv, A = p.qh, p.kh, p.vh, p.Dk, p.Dv, p.A
+    k_from_start, v_from_start, k_end, v_end = p.k_from_start, p.v_from_start, p.k_end, p.v_end
     doh = _heads(do)                                                # [B, H, T, V]
     if gv is None:
         dA = scale * np.tril(doh @ vh.swapaxes(-1, -2))             # [B, H, T, T]
@@ -241,37 +234,46 @@ def parallel_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
         dv = np.einsum("bhts,bhtv,bhvts->bhsv", A, doh, Dv)
     v_to_end = 1.0 if gv is None else Dv[..., -1, :].swapaxes(-1, -2)   # [B, H, T, V]
     k_to_end = Dk[..., -1, :].swapaxes(-1, -2)                      # [B, H, T, K]
-    do_read = scale * doh * av0                                     # [B, H, T, V]
+    do_read = scale * doh * v_from_start                            # [B, H, T, V]
     dA, dA_diag = split_diagonal(dA)                                # s = t terms kept apart
     dq = (np.einsum("bhts,bhsk,bhkts->bhtk", dA, kh, Dk)
-          + ak0 * (do_read @ initial_state.swapaxes(-1, -2)))       # [B, H, T, K]
+          + k_from_start * (do_read @ initial_state.swapaxes(-1, -2)))   # [B, H, T, K]
     dk = (np.einsum("bhts,bhtk,bhkts->bhsk", dA, qh, Dk)
           + k_to_end * (v_end @ dht.swapaxes(-1, -2)))              # [B, H, T, K]
     dv = dv + v_to_end * (k_end @ dht)                              # [B, H, T, V]
-    dh0 = ak0[..., -1, :, None] * dht                               # [B, H, K, V]
+    dh0 = k_from_start[..., -1, :, None] * dht                      # [B, H, K, V]
     if gv is not None:
-        dh0 = dh0 * av0[..., -1, None, :]
-    dh0 = dh0 + (qh * ak0).swapaxes(-1, -2) @ do_read
+        dh0 = dh0 * v_from_start[..., -1, None, :]
+    dh0 = dh0 + (qh * k_from_start).swapaxes(-1, -2) @ do_read
     # gate identity over the whole sequence (one chunk)
     dG = qh * dq - kh * dk                                          # [B, H, T, K]
-    dG[..., -1, :] += np.sum(dht * S_T, axis=-1)
+    dG[..., -1, :] += np.sum(dht * p.final_state, axis=-1)
     dg = reverse_cumsum_in_chunks(dG, reset=np.isneginf(_heads(g)))  # [B, H, T, K]
     dq, dk = dq + dA_diag * kh, dk + dA_diag * qh                   # the s = t terms
     out = {"q": _heads(dq), "k": _heads(dk), "v": _heads(dv), "g": _heads(dg), "initial_state": dh0}
     if gv is not None:
-        dF = o * doh - vh * dv                                      # [B, H, T, V]
-        dF[..., -1, :] += np.sum(dht * S_T, axis=-2)
-        out["gv"] = _heads(reverse_cumsum_in_chunks(dF, reset=np.isneginf(_heads(gv))))
+        dGv = p.o * doh - vh * dv                                   # [B, H, T, V]
+        dGv[..., -1, :] += np.sum(dht * p.final_state, axis=-2)
+        out["gv"] = _heads(reverse_cumsum_in_chunks(dGv, reset=np.isneginf(_heads(gv))))
     return out
 
 
 # ----------------------------------------------------------------------------- chunkwise
-def _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound):
-    """Steps 1-3 of the chunkwise form, shared by forward and backward.
+class ChunkParts(NamedTuple):
+    """Steps 1-3 of the chunkwise form, shared by forward and backward; arrays [B, H, N, ...]."""
 
-    Returns the chunked inputs, the decays of g and gv (``_decay.ChunkDecay``), the masked
-    intra-chunk scores A (without the scale), the state entering every chunk and the final state.
-    """
+    qc: np.ndarray              # [B, H, N, C, K]  chunked inputs
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    decay_k: ChunkDecay         # decays of g (the key side), [.., C, K]
+    decay_v: Optional[ChunkDecay]   # decays of gv (the value side), [.., C, V]; None without gv
+    A: np.ndarray               # [B, H, N, C, C]  masked intra-chunk scores (without the scale)
+    S_in: np.ndarray            # [B, H, N, K, V]  the state entering each chunk
+    final_state: np.ndarray     # [B, H, K, V]
+
+
+def _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound) -> ChunkParts:
+    """Steps 1-3 of the chunkwise form, shared by forward and backward."""
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)        # [B, H, N, C, K|V]
     decay_k = chunk_decay(to_chunks(g, C), strict, fast_bound)      # decays [B, H, N, C, K]
     decay_v = None if gv is None else chunk_decay(to_chunks(gv, C), strict, fast_bound)   # [.., V]
@@ -289,14 +291,16 @@ def _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound):
         if decay_v is not None:
             S = S * decay_v.total[:, :, n, None, :]
         S = S + U[:, :, n]
-    return qc, kc, vc, decay_k, decay_v, A, S_in, S
+    return ChunkParts(qc=qc, kc=kc, vc=vc, decay_k=decay_k, decay_v=decay_v, A=A, S_in=S_in,
+                      final_state=S)
 
 
-def _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale, out=None):
+def _chunk_output(p: ChunkParts, scale, out=None):
     """Step 4: scale * (intra-chunk output + read of the entering state) -> [B, H, N, C, V].
 
     out: optional [B, H, N, C, V] array (e.g. a chunked view of the final output) to write into.
     """
+    qc, vc, decay_k, decay_v, A, S_in = p.qc, p.vc, p.decay_k, p.decay_v, p.A, p.S_in
     if decay_v is None:
         out = np.matmul(A, vc, out=out)                             # [B, H, N, C, V]
     elif out is None:
@@ -322,12 +326,11 @@ def chunked_forward(q, k, v, g, gv=None, *, scale, initial_state, chunk_size, st
     """
     B, T, H, V = v.shape
     C = max(1, min(chunk_size, T))                                  # one chunk covers T <= C
-    qc, kc, vc, decay_k, decay_v, A, S_in, S_T = _chunk_parts(
-        q, k, v, g, gv, initial_state, C, strict, fast_bound)
-    N = qc.shape[2]
+    p = _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound)
+    N = p.qc.shape[2]
     o = np.empty((B, N * C, H, V), dtype=v.dtype)                   # [B, N*C, H, V]
-    _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale, out=chunk_view(o, C))   # 4. written into o
-    return (o if N * C == T else np.ascontiguousarray(o[:, :T])), S_T
+    _chunk_output(p, scale, out=chunk_view(o, C))                   # 4. written into o
+    return (o if N * C == T else np.ascontiguousarray(o[:, :T])), p.final_state
 
 
 def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_size, strict=False,
@@ -343,8 +346,9 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
     """
     T = q.shape[1]
     C = max(1, min(chunk_size, T))
-    qc, kc, vc, decay_k, decay_v, A, S_in, S_T = _chunk_parts(
-        q, k, v, g, gv, initial_state, C, strict, fast_bound)
+    p = _chunk_parts(q, k, v, g, gv, initial_state, C, strict, fast_bound)
+    qc, kc, vc, A, S_in, S_T = p.qc, p.kc, p.vc, p.A, p.S_in, p.final_state
+    decay_k, decay_v = p.decay_k, p.decay_v
     doc = to_chunks(do, C)                                            # [B, H, N, C, V]
     N = qc.shape[2]
     # 2. dS_end[n]: cotangent of the state at the end of chunk n
@@ -384,7 +388,7 @@ def chunked_vjp(q, k, v, g, gv=None, *, do, dht, scale, initial_state, chunk_siz
     grads = {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
              "g": from_chunks(dg, T), "gv": None, "initial_state": dh0}
     if decay_v is not None:
-        o = _chunk_output(qc, vc, decay_k, decay_v, A, S_in, scale)   # [B, H, N, C, V]
+        o = _chunk_output(p, scale)                                 # [B, H, N, C, V]
         grads["gv"] = from_chunks(_gate_grad(o * doc, vc * dv, dSS.sum(-2), decay_v), T)
     return grads
 
@@ -426,3 +430,19 @@ def chunkwise_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state, chunk_size):
     """Backward of the chunkwise form (see ``chunked_vjp``). Keeps only per-chunk states."""
     return chunked_vjp(q, k, v, g, gv, do=do, dht=dht, scale=scale, initial_state=initial_state,
                        chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, k, v ~ N(0, 1); g (and gv for "value_gate") from the regime, per
+    channel; "hard_reset" also resets single (t, channel) entries (``_regimes.log_decay_per_channel``)."""
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    x = {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "g": _regimes.log_decay_per_channel(rng, (B, T, H, K), regime, dtype),
+    }
+    if variant == "value_gate":
+        x["gv"] = _regimes.log_decay_per_channel(rng, (B, T, H, V), regime, dtype)
+    return x
