@@ -73,30 +73,9 @@ import numpy as np
 
 from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import reverse_sweep
+from .._scan import reverse_steps
 from .._spec import Arg, OpSpec
 from . import gla
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: r, k, v, u ~ N(0, 1); w (log decay per key channel) from the regime.
-
-    In "hard_reset", besides the whole-step resets of the regime, single key channels reset
-    (w = -inf) at ~5% of the (t, channel) entries after t = 0.
-    """
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    w = _regimes.log_decay(rng, (B, T, H, K), regime, np.float64)
-    if regime == "hard_reset":
-        channel_resets = rng.uniform(size=w.shape) < 0.05
-        channel_resets[:, 0] = False
-        w[channel_resets] = -np.inf
-    return {
-        "r": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, H, V), dtype),
-        "w": w.astype(dtype),
-        "u": _regimes.normal(rng, (H, K), dtype),
-    }
 
 
 SPEC = OpSpec(
@@ -109,7 +88,7 @@ SPEC = OpSpec(
     output="BTHV",
     quadratic="B H K T T",  # the per-channel decay masks of the parallel form
     state=(Arg("state", "NHKV"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.rwkv6.fused_recurrent_rwkv6", "fla.ops.rwkv6.chunk_rwkv6"),
     regimes=tuple(_regimes.DECAY_REGIMES),
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
@@ -178,15 +157,13 @@ def step(r, k, v, w, u, *, state, scale):
 def recurrent_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
     """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dS (ground truth).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     a = np.exp(w)                                                   # [B, T, H, K]
     dr, dk, dv, du = _bonus_vjp(r, k, v, u, do, scale)              # the bonus term
     dw = np.zeros_like(w)
     dS = dht.copy()                                                 # [B, H, K, V]: cotangent of S_t
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS
+    for t, S_prev, _ in reverse_steps(_advance(k, v, w), initial_state, r.shape[1]):
         # update S_t = diag(a_t) S_{t-1} + k_t v_t^T
         dk[:, t] += (dS @ v[:, t, :, :, None])[..., 0]                 # [B, H, K]
         dv[:, t] += (k[:, t, :, None, :] @ dS)[:, :, 0, :]             # [B, H, V]
@@ -194,8 +171,6 @@ def recurrent_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
         # read of S_{t-1} at step t
         dr[:, t] += scale * (S_prev @ do[:, t, :, :, None])[..., 0]    # [B, H, K]
         dS = a[:, t, :, :, None] * dS + scale * r[:, t, :, :, None] * do[:, t, :, None, :]
-
-    reverse_sweep(_advance(k, v, w), initial_state, r.shape[1], visit)
     return {"r": dr, "k": dk, "v": dv, "w": dw, "u": du, "initial_state": dS}
 
 
@@ -264,11 +239,13 @@ def parallel_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
     dk_T = (dht @ v[:, -1, :, :, None])[..., 0]                     # 2. [B, H, K]
     dv_T = (k[:, -1, :, None, :] @ dht)[:, :, 0, :]                 # [B, H, V]
     dw_T = a_T * np.sum(dht * S_before_last, axis=-1)               # [B, H, K]
-    g = gla.parallel_vjp.core(r, _shift(k), _shift(v), _shift(w), None, do=do,  # 3.
-                              dht=a_T[..., None] * dht, scale=scale, initial_state=initial_state)
+    shifted = gla.parallel_vjp.core(r, _shift(k), _shift(v), _shift(w), None, do=do,   # 3.
+                                    dht=a_T[..., None] * dht, scale=scale,
+                                    initial_state=initial_state)
     dr, dk, dv, du = _bonus_vjp(r, k, v, u, do, scale)              # 4.
-    return {"r": dr + g["q"], "k": dk + _unshift(g["k"], dk_T), "v": dv + _unshift(g["v"], dv_T),
-            "w": _unshift(g["g"], dw_T), "u": du, "initial_state": g["initial_state"]}
+    return {"r": dr + shifted["q"], "k": dk + _unshift(shifted["k"], dk_T),
+            "v": dv + _unshift(shifted["v"], dv_T), "w": _unshift(shifted["g"], dw_T), "u": du,
+            "initial_state": shifted["initial_state"]}
 
 
 # ----------------------------------------------------------------------------- chunkwise
@@ -299,8 +276,26 @@ def chunkwise(r, k, v, w, u, *, scale, initial_state, chunk_size):
 def chunkwise_vjp(r, k, v, w, u, do, dht, *, scale, initial_state, chunk_size):
     """Backward of ``chunkwise``: gla's strict chunkwise vjp (per-chunk states only; the gate
     gradient from the gate identity, reverse-summed inside each chunk) plus the bonus terms."""
-    g = gla.chunked_vjp(r, k, v, w, None, do=do, dht=dht, scale=scale, initial_state=initial_state,
-                        chunk_size=chunk_size, strict=True)
+    read = gla.chunked_vjp(r, k, v, w, None, do=do, dht=dht, scale=scale,
+                           initial_state=initial_state, chunk_size=chunk_size, strict=True)
     dr, dk, dv, du = _bonus_vjp(r, k, v, u, do, scale)
-    return {"r": dr + g["q"], "k": dk + g["k"], "v": dv + g["v"], "w": g["g"],
-            "u": du, "initial_state": g["initial_state"]}
+    return {"r": dr + read["q"], "k": dk + read["k"], "v": dv + read["v"], "w": read["g"],
+            "u": du, "initial_state": read["initial_state"]}
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: r, k, v, u ~ N(0, 1); w (log decay per key channel) from the regime.
+
+    In "hard_reset", besides the whole-step resets of the regime, single key channels reset
+    (w = -inf) at ~5% of the (t, channel) entries after t = 0.
+    """
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    w = _regimes.log_decay_per_channel(rng, (B, T, H, K), regime, dtype)
+    return {
+        "r": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "w": w,
+        "u": _regimes.normal(rng, (H, K), dtype),
+    }
