@@ -32,7 +32,7 @@ Forms
 Gradients (hand-written vector-Jacobian products; the adjoint runs the same recurrence backwards):
     dh_t = do_t + a_{t+1} dh_{t+1},   dh_T starts from do_T + dht (the final-state cotangent)
     dx_t = dh_t,   dg_t = a_t dh_t h_{t-1},   dh_0 = a_1 dh_1.
-The recurrent backward (ground truth) walks t = T-1 .. 0 with ``_scan.reverse_sweep``, which
+The recurrent backward (ground truth) walks t = T-1 .. 0 with ``_scan.reverse_steps``, which
 recomputes states from checkpoints instead of keeping all T states. Because o_t = h_t, the
 previous state h_{t-1} is the previous output, so the parallel and chunkwise backwards also use
 the direct formula dg_t = a_t dx_t h_{t-1} (vectorised; h_{t-1} is the shifted output, or the
@@ -52,17 +52,8 @@ import numpy as np
 from .. import _regimes
 from .._decay import _exact_blocks, chunk_decay, cumsum_in_chunks, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, reverse_sweep, segsum, to_chunks
+from .._scan import from_chunks, reverse_steps, segsum, to_chunks
 from .._spec import Arg, OpSpec
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: x ~ N(0, 1); g from the decay regime (per channel and step)."""
-    B, T, D = (dims[d] for d in "BTD")
-    return {
-        "x": _regimes.normal(rng, (B, T, D), dtype),
-        "g": _regimes.log_decay(rng, (B, T, D), regime, dtype),
-    }
 
 
 SPEC = OpSpec(
@@ -82,7 +73,7 @@ SPEC = OpSpec(
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(x, g):
-    """One step of the recurrence as a function of (h_{t-1}, t), for loops and reverse sweeps."""
+    """One step of the recurrence as a function of (h_{t-1}, t), for loops and reverse walks."""
     a = np.exp(g)                                                   # [B, T, D]
 
     def advance(h, t):
@@ -114,20 +105,16 @@ def step(x, g, *, state):
 def recurrent_vjp(x, g, do, dht, *, initial_state):
     """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dh (ground truth).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     a = np.exp(g)                                                   # [B, T, D]
     dx, dg = np.zeros_like(x), np.zeros_like(g)
     dh = dht.copy()                                                 # [B, D]
-
-    def visit(t, h_prev, h_t):
-        nonlocal dh
+    for t, h_prev, _ in reverse_steps(_advance(x, g), initial_state, x.shape[1]):
         dh = dh + do[:, t]                                          # read o_t = h_t
         dx[:, t] = dh                                               # h_t = ... + x_t
         dg[:, t] = a[:, t] * dh * h_prev                            # d/dg of a_t h_{t-1}
         dh = a[:, t] * dh                                           # to h_{t-1}
-
-    reverse_sweep(_advance(x, g), initial_state, x.shape[1], visit)
     return {"x": dx, "g": dg, "initial_state": dh}
 
 
@@ -313,3 +300,13 @@ def chunkwise_vjp(x, g, do, dht, *, initial_state, chunk_size):
     """Backward of the chunkwise form (see ``chunked_vjp``). Keeps only per-chunk states
     (O(T/C * D)); fast chunks use reverse cumulative sums, exact chunks their [C, C] mask."""
     return chunked_vjp(x, g, do=do, dht=dht, initial_state=initial_state, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: x ~ N(0, 1); g from the decay regime (per channel and step)."""
+    B, T, D = (dims[name] for name in "BTD")
+    return {
+        "x": _regimes.normal(rng, (B, T, D), dtype),
+        "g": _regimes.log_decay(rng, (B, T, D), regime, dtype),
+    }
