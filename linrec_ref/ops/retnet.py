@@ -51,11 +51,13 @@ Models", 2023.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, num_chunks, reverse_sweep, to_chunks
+from .._scan import from_chunks, num_chunks, reverse_steps, to_chunks
 from .._spec import Arg, OpSpec
 
 
@@ -63,24 +65,6 @@ def default_log_decay(H: int, dtype=np.float64) -> np.ndarray:
     """RetNet's decays as log gates: g_h = log(1 - 2^(-5-h)), h = 0 .. H-1. Returns [H]."""
     h = np.arange(H, dtype=np.float64)
     return np.log1p(-np.exp2(-5.0 - h)).astype(dtype)
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, k, v ~ N(0, 1); g [H] from the decay regime.
-
-    hard_reset: typical decays, with the last head at g = -inf (no memory at all).
-    """
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    base = "typical" if regime == "hard_reset" else regime
-    g = _regimes.log_decay(rng, (H,), base, dtype, time_axis=0)
-    if regime == "hard_reset":
-        g[-1] = -np.inf
-    return {
-        "q": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, H, V), dtype),
-        "g": g,
-    }
 
 
 SPEC = OpSpec(
@@ -92,7 +76,7 @@ SPEC = OpSpec(
             Arg("g", "H", log_gate=True, optional=True)),
     output="BTHV",
     state=(Arg("state", "NHKV"),),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("fla.ops.retention.chunk_retention", "fla.ops.retention.fused_recurrent_retention",
            "fla.ops.retention.parallel_retention"),
     regimes=tuple(_regimes.DECAY_REGIMES),
@@ -131,7 +115,7 @@ def _lags(T):
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(k, v, g):
-    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse sweeps."""
+    """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse walks."""
     gamma = np.exp(g)[:, None, None]                                # [H, 1, 1]
 
     def advance(S, t):
@@ -166,24 +150,20 @@ def step(q, k, v, g, *, state, scale):
 def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
     """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dS (ground truth).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     g = _log_decay(g, q)
     gamma = np.exp(g)                                               # [H]
     dq, dk, dv = (np.zeros_like(x) for x in (q, k, v))
     dg = np.zeros_like(g)                                           # [H]
     dS = dht.copy()                                                 # [B, H, K, V]
-
-    def visit(t, S_prev, S_t):
-        nonlocal dS, dg
+    for t, S_prev, S_t in reverse_steps(_advance(k, v, g), initial_state, q.shape[1]):
         dS = dS + scale * q[:, t, :, :, None] * do[:, t, :, None, :]   # read of S_t
         dq[:, t] = scale * (S_t @ do[:, t, :, :, None])[..., 0]        # [B, H, K]
         dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]                  # [B, H, K]
         dv[:, t] = (k[:, t, :, None, :] @ dS)[:, :, 0, :]              # [B, H, V]
         dg = dg + gamma * np.sum(dS * S_prev, axis=(0, 2, 3))          # d/dg of gamma S_{t-1}
         dS = gamma[:, None, None] * dS                                 # to S_{t-1}
-
-    reverse_sweep(_advance(k, v, g), initial_state, q.shape[1], visit)
     return {"q": dq, "k": dk, "v": dv, "g": dg, "initial_state": dS}
 
 
@@ -200,8 +180,21 @@ def attention_matrix(q, k, g, *, scale):
     return scale * qk * _retention_mask(_log_decay(g, q), q.shape[1])
 
 
-def _parallel_parts(q, k, v, g, scale):
+class ParallelParts(NamedTuple):
     """Shared by the parallel forward and backward: head-major views, masks and decays."""
+
+    qh: np.ndarray              # [B, H, T, K]
+    kh: np.ndarray              # [B, H, T, K]
+    vh: np.ndarray              # [B, H, T, V]
+    QK: np.ndarray              # [B, H, T, T]  Q K^T
+    D: np.ndarray               # [H, T, T]     gamma^(t-s), s <= t
+    M: np.ndarray               # [B, H, T, T]  scale (Q K^T) * D
+    from_start: np.ndarray      # [H, T]        gamma^(t+1)
+    to_end: np.ndarray          # [H, T]        gamma^(T-1-s)
+
+
+def _parallel_parts(q, k, v, g, scale) -> ParallelParts:
+    """The parallel form's head-major views, masks and decays (``ParallelParts``)."""
     T = q.shape[1]
     t = np.arange(T)
     qh, kh, vh = (np.moveaxis(x, 1, 2) for x in (q, k, v))         # [B, H, T, K|V]
@@ -210,7 +203,8 @@ def _parallel_parts(q, k, v, g, scale):
     M = scale * QK * D                                              # [B, H, T, T]
     from_start = _decay_power(g[:, None], t + 1)                    # [H, T]: gamma^(t+1)
     to_end = _decay_power(g[:, None], T - 1 - t)                    # [H, T]: gamma^(T-1-s)
-    return qh, kh, vh, QK, D, M, from_start, to_end
+    return ParallelParts(qh=qh, kh=kh, vh=vh, QK=QK, D=D, M=M, from_start=from_start,
+                         to_end=to_end)
 
 
 @forward_form(SPEC)
@@ -218,7 +212,8 @@ def parallel(q, k, v, g, *, scale, initial_state):
     """o = (scale * (Q K^T) * D) V + scale * gamma^(t+1) S_0^T q_t (t from 0). Shapes as ``recurrent``."""
     g = _log_decay(g, q)
     T = q.shape[1]
-    qh, kh, vh, _, _, M, from_start, to_end = _parallel_parts(q, k, v, g, scale)
+    p = _parallel_parts(q, k, v, g, scale)
+    qh, kh, vh, M, from_start, to_end = p.qh, p.kh, p.vh, p.M, p.from_start, p.to_end
     o = M @ vh + scale * from_start[..., None] * (qh @ initial_state)  # [B, H, T, V]
     S_T = (_decay_power(g, T)[:, None, None] * initial_state
            + (kh * to_end[..., None]).swapaxes(-1, -2) @ vh)        # [B, H, K, V]
@@ -231,7 +226,9 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state):
     g = _log_decay(g, q)
     T = q.shape[1]
     t = np.arange(T)
-    qh, kh, vh, QK, D, M, from_start, to_end = _parallel_parts(q, k, v, g, scale)
+    p = _parallel_parts(q, k, v, g, scale)
+    qh, kh, vh, QK, D, M = p.qh, p.kh, p.vh, p.QK, p.D, p.M
+    from_start, to_end = p.from_start, p.to_end
     doh = np.moveaxis(do, 1, 2)                                     # [B, H, T, V]
     gamma_T = _decay_power(g, T)[:, None, None]                     # [H, 1, 1]
     dM = doh @ vh.swapaxes(-1, -2)                                  # [B, H, T, T]
@@ -259,7 +256,22 @@ def _chunk_lengths(T, C):
     return np.minimum(C, T - C * np.arange(N))
 
 
-def _chunk_parts(q, k, v, g, scale, initial_state, C):
+class ChunkParts(NamedTuple):
+    """Steps 1-3 of the chunkwise form, shared by forward and backward; arrays [B, H, N, ...]."""
+
+    qc: np.ndarray              # [B, H, N, C, K]  chunked inputs
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    D: np.ndarray               # [H, 1, C, C]     gamma^(i-j), j <= i (the same for every chunk)
+    M: np.ndarray               # [B, H, N, C, C]  scale (Q K^T) * D
+    from_start: np.ndarray      # [H, 1, C]        gamma^(i+1)
+    to_end: np.ndarray          # [H, N, C]        gamma^(L_n-1-i), 0 at padded positions
+    a_chunk: np.ndarray         # [H, N]           gamma^(L_n), the decay over chunk n
+    S_in: np.ndarray            # [B, H, N, K, V]  the state entering each chunk
+    final_state: np.ndarray     # [B, H, K, V]
+
+
+def _chunk_parts(q, k, v, g, scale, initial_state, C) -> ChunkParts:
     """Steps 1-3 of the chunkwise form, shared by forward and backward.
 
     Positions i = 0 .. C-1 inside a chunk; padded positions (i >= the chunk's length) have
@@ -283,7 +295,8 @@ def _chunk_parts(q, k, v, g, scale, initial_state, C):
     for n in range(U.shape[2]):
         S_in[:, :, n] = S
         S = a_chunk[:, n, None, None] * S + U[:, :, n]
-    return qc, kc, vc, D, M, from_start, to_end, a_chunk, S_in, S
+    return ChunkParts(qc=qc, kc=kc, vc=vc, D=D, M=M, from_start=from_start, to_end=to_end,
+                      a_chunk=a_chunk, S_in=S_in, final_state=S)
 
 
 @forward_form(SPEC, chunked=True)
@@ -296,10 +309,9 @@ def chunkwise(q, k, v, g, *, scale, initial_state, chunk_size):
     4. output: intra + scale * gamma^(i+1) S_{n-1}^T q_i
     """
     g = _log_decay(g, q)
-    qc, _, vc, _, M, from_start, _, _, S_in, S_T = _chunk_parts(
-        q, k, v, g, scale, initial_state, chunk_size)
-    o = M @ vc + scale * from_start[..., None] * (qc @ S_in)        # 4. [B, H, N, C, V]
-    return from_chunks(o, q.shape[1]), S_T
+    p = _chunk_parts(q, k, v, g, scale, initial_state, chunk_size)
+    o = p.M @ p.vc + scale * p.from_start[..., None] * (p.qc @ p.S_in)   # 4. [B, H, N, C, V]
+    return from_chunks(o, q.shape[1]), p.final_state
 
 
 @vjp_form(SPEC, chunked=True)
@@ -315,8 +327,9 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size):
     T, C = q.shape[1], chunk_size
     i = np.arange(C)
     L = _chunk_lengths(T, C)                                        # [N]
-    qc, kc, vc, D, M, from_start, to_end, a_chunk, S_in, S_T = _chunk_parts(
-        q, k, v, g, scale, initial_state, C)
+    p = _chunk_parts(q, k, v, g, scale, initial_state, C)
+    qc, kc, vc, D, M, S_in = p.qc, p.kc, p.vc, p.D, p.M, p.S_in
+    from_start, to_end, a_chunk = p.from_start, p.to_end, p.a_chunk
     doc = to_chunks(do, C)                                          # [B, H, N, C, V]
     N = qc.shape[2]
     # 2. dS_end[n]: cotangent of the state at the end of chunk n
@@ -346,3 +359,22 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size):
           + write.sum(axis=(0, 2, 3)) + carry.sum(axis=(0, 2)))     # [H]
     return {"q": from_chunks(dq, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
             "g": dg, "initial_state": dh0}
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, k, v ~ N(0, 1); g [H] from the decay regime.
+
+    hard_reset: typical decays, with the last head at g = -inf (no memory at all).
+    """
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    base = "typical" if regime == "hard_reset" else regime
+    g = _regimes.log_decay(rng, (H,), base, dtype, time_axis=0)
+    if regime == "hard_reset":
+        g[-1] = -np.inf
+    return {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, H, V), dtype),
+        "g": g,
+    }
