@@ -66,7 +66,7 @@ import numpy as np
 
 from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, reverse_cumsum, reverse_sweep, to_chunks
+from .._scan import from_chunks, reverse_cumsum, reverse_steps, to_chunks
 from .._spec import Arg, OpSpec
 from .._validation import InputError
 
@@ -87,23 +87,6 @@ def _state_parts(options: dict):
     return NORMALIZED_STATE if _check_normalize(options["normalize"]) else PLAIN_STATE
 
 
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs. default: q, k, v ~ N(0, 1) (signed).
-
-    normalized: q = exp(x), k = exp(y) with x, y ~ N(0, 0.5^2), a positive feature map, so the
-    denominator q_t . z_t stays away from 0 (numerics.md, hazard 7); v ~ N(0, 1).
-    No decay regimes apply (the op has no gate); regime is "typical".
-    """
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    if variant == "normalized":
-        q = np.exp(0.5 * rng.standard_normal((B, T, H, K))).astype(dtype)
-        k = np.exp(0.5 * rng.standard_normal((B, T, H, K))).astype(dtype)
-    else:
-        q = _regimes.normal(rng, (B, T, H, K), dtype)
-        k = _regimes.normal(rng, (B, T, H, K), dtype)
-    return {"q": q, "k": k, "v": _regimes.normal(rng, (B, T, H, V), dtype)}
-
-
 SPEC = OpSpec(
     name=OP,
     family="linear attention",
@@ -113,7 +96,7 @@ SPEC = OpSpec(
     output="BTHV",
     state=PLAIN_STATE,
     state_fn=_state_parts,
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     options={"normalize": False},
     peers=("fla.ops.linear_attn.fused_recurrent_linear_attn",
            "fla.ops.linear_attn.chunk_linear_attn"),
@@ -121,6 +104,78 @@ SPEC = OpSpec(
     default_dims={"B": 2, "H": 2, "K": 8, "V": 6},
     variants={"default": {}, "normalized": {"normalize": True}},
 )
+
+
+# ----------------------------------------------------------------------------- recurrent
+def _advance(k, v, normalize):
+    """One step as a function of (state_{t-1}, t), for loops and reverse walks."""
+
+    def advance(state, t):
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]              # [B, H, K, V]
+        if normalize:
+            S, z = state
+            return S + kv, z + k[:, t]
+        return state + kv
+
+    return advance
+
+
+def _read(q_t, state, scale, normalize):
+    """o_t from q_t [B, H, K] and the state after step t."""
+    if normalize:
+        S, z = state
+        numerator = (q_t[:, :, None, :] @ S)[:, :, 0, :]            # [B, H, V]
+        return _divide(numerator, np.sum(q_t * z, axis=-1))         # [B, H, V]
+    return scale * (q_t[:, :, None, :] @ state)[:, :, 0, :]         # [B, H, V]
+
+
+@forward_form(SPEC)
+def recurrent(q, k, v, *, scale, initial_state, normalize):
+    """The definition: a loop over t. q, k: [B, T, H, K]; v: [B, T, H, V]."""
+    advance = _advance(k, v, normalize)
+    state = initial_state                                           # [B, H, K, V] (, [B, H, K])
+    o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
+    for t in range(q.shape[1]):
+        state = advance(state, t)
+        o[:, t] = _read(q[:, t], state, scale, normalize)
+    return o, state
+
+
+@step_form(SPEC)
+def step(q, k, v, *, state, scale, normalize):
+    """One token: q, k: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] (or (S, z) if normalize)."""
+    kv = k[:, :, :, None] * v[:, :, None, :]                        # [B, H, K, V]
+    new = (state[0] + kv, state[1] + k) if normalize else state + kv
+    return _read(q, new, scale, normalize), new
+
+
+@vjp_form(SPEC)
+def recurrent_vjp(q, k, v, do, dht, *, scale, initial_state, normalize):
+    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state (ground truth).
+
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
+    """
+    dq, dk, dv = (np.zeros_like(x) for x in (q, k, v))
+    dS, dz = (dht[0].copy(), dht[1].copy()) if normalize else (dht.copy(), None)
+    for t, _, state in reverse_steps(_advance(k, v, normalize), initial_state, q.shape[1]):
+        q_t, do_t = q[:, t], do[:, t]                               # [B, H, K], [B, H, V]
+        if normalize:
+            S, z = state
+            den = np.sum(q_t * z, axis=-1)                          # [B, H]
+            o_t = _divide((q_t[:, :, None, :] @ S)[:, :, 0, :], den)  # [B, H, V]
+            d_num = do_t / den[..., None]                           # [B, H, V]
+            d_den = -np.sum(do_t * o_t, axis=-1) / den              # [B, H]
+            dS = dS + q_t[..., :, None] * d_num[..., None, :]       # read of S_t
+            dz = dz + d_den[..., None] * q_t                        # read of z_t
+            dq[:, t] = (S @ d_num[..., None])[..., 0] + d_den[..., None] * z
+            dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0] + dz      # [B, H, K]
+        else:
+            dS = dS + scale * q_t[..., :, None] * do_t[..., None, :]
+            dq[:, t] = scale * (state @ do_t[..., None])[..., 0]   # [B, H, K]
+            dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]           # [B, H, K]
+        dv[:, t] = (k[:, t, :, None, :] @ dS)[:, :, 0, :]           # [B, H, V]
+        # no transition: the adjoint passes to S_{t-1} unchanged
+    return {"q": dq, "k": dk, "v": dv, "initial_state": (dS, dz) if normalize else dS}
 
 
 # ----------------------------------------------------------------------------- normaliser
@@ -170,82 +225,6 @@ def _normalized_vjp(dense, dense_vjp, q, k, v, do, dht, initial_state, **kw):
     do_aug = np.concatenate([d_num, d_den[..., None]], axis=-1)     # [B, T, H, V+1]
     g = dense_vjp(q, k, v1, do_aug, _join(dht), h0, scale=1.0, **kw)
     return {"q": g["q"], "k": g["k"], "v": g["v"][..., :-1], "initial_state": _split(g["initial_state"])}
-
-
-# ----------------------------------------------------------------------------- recurrent
-def _advance(k, v, normalize):
-    """One step as a function of (state_{t-1}, t), for loops and reverse sweeps."""
-
-    def advance(state, t):
-        kv = k[:, t, :, :, None] * v[:, t, :, None, :]              # [B, H, K, V]
-        if normalize:
-            S, z = state
-            return S + kv, z + k[:, t]
-        return state + kv
-
-    return advance
-
-
-def _read(q_t, state, scale, normalize):
-    """o_t from q_t [B, H, K] and the state after step t."""
-    if normalize:
-        S, z = state
-        numerator = (q_t[:, :, None, :] @ S)[:, :, 0, :]            # [B, H, V]
-        return _divide(numerator, np.sum(q_t * z, axis=-1))         # [B, H, V]
-    return scale * (q_t[:, :, None, :] @ state)[:, :, 0, :]         # [B, H, V]
-
-
-@forward_form(SPEC)
-def recurrent(q, k, v, *, scale, initial_state, normalize):
-    """The definition: a loop over t. q, k: [B, T, H, K]; v: [B, T, H, V]."""
-    advance = _advance(k, v, normalize)
-    state = initial_state                                           # [B, H, K, V] (, [B, H, K])
-    o = np.empty(v.shape, dtype=v.dtype)                            # [B, T, H, V]
-    for t in range(q.shape[1]):
-        state = advance(state, t)
-        o[:, t] = _read(q[:, t], state, scale, normalize)
-    return o, state
-
-
-@step_form(SPEC)
-def step(q, k, v, *, state, scale, normalize):
-    """One token: q, k: [B, H, K]; v: [B, H, V]; state: [B, H, K, V] (or (S, z) if normalize)."""
-    kv = k[:, :, :, None] * v[:, :, None, :]                        # [B, H, K, V]
-    new = (state[0] + kv, state[1] + k) if normalize else state + kv
-    return _read(q, new, scale, normalize), new
-
-
-@vjp_form(SPEC)
-def recurrent_vjp(q, k, v, do, dht, *, scale, initial_state, normalize):
-    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state (ground truth).
-
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
-    """
-    dq, dk, dv = (np.zeros_like(x) for x in (q, k, v))
-    dS, dz = (dht[0].copy(), dht[1].copy()) if normalize else (dht.copy(), None)
-
-    def visit(t, _prev, state):
-        nonlocal dS, dz
-        q_t, do_t = q[:, t], do[:, t]                               # [B, H, K], [B, H, V]
-        if normalize:
-            S, z = state
-            den = np.sum(q_t * z, axis=-1)                          # [B, H]
-            o_t = _divide((q_t[:, :, None, :] @ S)[:, :, 0, :], den)  # [B, H, V]
-            d_num = do_t / den[..., None]                           # [B, H, V]
-            d_den = -np.sum(do_t * o_t, axis=-1) / den              # [B, H]
-            dS = dS + q_t[..., :, None] * d_num[..., None, :]       # read of S_t
-            dz = dz + d_den[..., None] * q_t                        # read of z_t
-            dq[:, t] = (S @ d_num[..., None])[..., 0] + d_den[..., None] * z
-            dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0] + dz      # [B, H, K]
-        else:
-            dS = dS + scale * q_t[..., :, None] * do_t[..., None, :]
-            dq[:, t] = scale * (state @ do_t[..., None])[..., 0]   # [B, H, K]
-            dk[:, t] = (dS @ v[:, t, :, :, None])[..., 0]           # [B, H, K]
-        dv[:, t] = (k[:, t, :, None, :] @ dS)[:, :, 0, :]           # [B, H, V]
-        # no transition: the adjoint passes to S_{t-1} unchanged
-
-    reverse_sweep(_advance(k, v, normalize), initial_state, q.shape[1], visit)
-    return {"q": dq, "k": dk, "v": dv, "initial_state": (dS, dz) if normalize else dS}
 
 
 # ----------------------------------------------------------------------------- parallel
@@ -372,3 +351,21 @@ def chunkwise_vjp(q, k, v, do, dht, *, scale, initial_state, chunk_size, normali
         return _normalized_vjp(_chunkwise_dense, _chunkwise_vjp_dense, q, k, v, do, dht,
                                initial_state, chunk_size=chunk_size)
     return _chunkwise_vjp_dense(q, k, v, do, dht, initial_state, scale=scale, chunk_size=chunk_size)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs. default: q, k, v ~ N(0, 1) (signed).
+
+    normalized: q = exp(x), k = exp(y) with x, y ~ N(0, 0.5^2), a positive feature map, so the
+    denominator q_t . z_t stays away from 0 (numerics.md, hazard 7); v ~ N(0, 1).
+    No decay regimes apply (the op has no gate); regime is "typical".
+    """
+    B, T, H, K, V = (dims[name] for name in "BTHKV")
+    if variant == "normalized":
+        q = np.exp(0.5 * rng.standard_normal((B, T, H, K))).astype(dtype)
+        k = np.exp(0.5 * rng.standard_normal((B, T, H, K))).astype(dtype)
+    else:
+        q = _regimes.normal(rng, (B, T, H, K), dtype)
+        k = _regimes.normal(rng, (B, T, H, K), dtype)
+    return {"q": q, "k": k, "v": _regimes.normal(rng, (B, T, H, V), dtype)}
