@@ -49,7 +49,7 @@ products, the adjoint of the recurrence runs backwards in time):
     dx_t = Re(conj(Bm)^T dh_t) + Dm^T dy_t
     dBm = sum_t dh_t x_t^T,   dCm = c sum_t dy_t conj(h_t)^T,   dDm = sum_t dy_t x_t^T
     dlog_lam = sum_t conj(lambda h_{t-1}) * dh_t,   dh_0 = conj(lambda) dh_1.
-The recurrent backward (ground truth) walks t = T-1 .. 0 with ``_scan.reverse_sweep``, which
+The recurrent backward (ground truth) walks t = T-1 .. 0 with ``_scan.reverse_steps``, which
 recomputes states from checkpoints instead of keeping all T states. The parallel and chunkwise
 backwards differentiate the kernel: dK_l = sum_t dy_t x_{t-l}^T [Q, P], then with W_l = lambda^l,
     dCm[q, s] = c sum_{l,p} dK_l[q, p] conj(W_l[s] Bm[s, p])
@@ -68,38 +68,17 @@ Layers for Sequence Modeling" (S5), ICLR 2023.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import _regimes
 from .. import _validation as V
 from .._forms import forward_form, step_form, vjp_form
-from .._scan import from_chunks, num_chunks, reverse_sweep, to_chunks
+from .._scan import from_chunks, num_chunks, reverse_steps, to_chunks
 from .._spec import Arg, OpSpec
 
 OUTPUT_CONVENTIONS = {"re": 1, "2re": 2}  # option value -> factor c in y = c Re(Cm h) + Dm x
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: |lambda| from the decay regime (constant over time), phases theta in
-    [0, pi), complex N(0, 1) Bm and Cm, real N(0, 1) x and Dm (no Dm in variant "2re_without_D")."""
-    B, T, P, Q, S = (dims[d] for d in "BTPQS")
-    cdtype = V.COMPLEX_OF[np.dtype(dtype)]
-    log_mag = _regimes.log_decay(rng, (S,), regime, np.float64, time_axis=0)   # [S], <= 0
-    theta = rng.uniform(0.0, np.pi, size=S)                                     # [S]
-
-    def complex_normal(shape):
-        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / np.sqrt(2)
-
-    inputs = {
-        "x": _regimes.normal(rng, (B, T, P), dtype),
-        "log_lam": (log_mag + 1j * theta).astype(cdtype),
-        "Bm": complex_normal((S, P)).astype(cdtype),
-        "Cm": complex_normal((Q, S)).astype(cdtype),
-    }
-    if variant != "2re_without_D":
-        inputs["Dm"] = _regimes.normal(rng, (Q, P), dtype)
-    return inputs
 
 
 SPEC = OpSpec(
@@ -137,7 +116,67 @@ def _output_factor(output) -> int:
     return OUTPUT_CONVENTIONS[output]
 
 
-# ----------------------------------------------------------------------------- shared pieces
+# ----------------------------------------------------------------------------- recurrent
+def _advance(x, log_lam, Bm):
+    """One step of the recurrence as a function of (h_{t-1}, t), for loops and reverse walks."""
+    lam = np.exp(log_lam)                                           # [S]
+
+    def advance(h, t):
+        return lam * h + x[:, t] @ Bm.T                             # [B, S]
+
+    return advance
+
+
+@forward_form(SPEC)
+def recurrent(x, log_lam, Bm, Cm, Dm, *, initial_state, output):
+    """The definition: a loop over t. x: [B, T, P]; log_lam: [S]; Bm: [S, P]; Cm: [Q, S];
+    Dm: [Q, P] or None; initial_state: [B, S] complex. Returns y: [B, T, Q] (dtype of x)."""
+    c = _output_factor(output)
+    advance = _advance(x, log_lam, Bm)
+    y = _skip(x, Dm, Cm.shape[0])                                   # [B, T, Q]
+    h = initial_state                                               # [B, S]
+    for t in range(x.shape[1]):
+        h = advance(h, t)
+        y[:, t] += c * (h @ Cm.T).real                              # [B, Q]
+    return y, h
+
+
+@step_form(SPEC)
+def step(x, log_lam, Bm, Cm, Dm, *, state, output):
+    """One token: x: [B, P]; state: [B, S] complex. Returns (y_t [B, Q], h_t [B, S])."""
+    c = _output_factor(output)
+    h = np.exp(log_lam) * state + x @ Bm.T                          # [B, S]
+    y = c * (h @ Cm.T).real                                         # [B, Q]
+    if Dm is not None:
+        y = y + x @ Dm.T
+    return y, h
+
+
+@vjp_form(SPEC)
+def recurrent_vjp(x, log_lam, Bm, Cm, Dm, do, dht, *, initial_state, output):
+    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dh (ground truth).
+
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
+    """
+    c = _output_factor(output)
+    lam = np.exp(log_lam)                                           # [S]
+    dx = np.zeros_like(x)
+    dBm, dCm, dlam = np.zeros_like(Bm), np.zeros_like(Cm), np.zeros_like(log_lam)
+    dh = dht.copy()                                                 # [B, S]
+    for t, h_prev, h_t in reverse_steps(_advance(x, log_lam, Bm), initial_state, x.shape[1]):
+        dh = dh + c * (do[:, t] @ Cm.conj())                        # read y_t = c Re(Cm h_t)
+        dCm = dCm + c * (do[:, t].T @ h_t.conj())                   # [Q, S]
+        dx[:, t] = (dh @ Bm.conj()).real                            # h_t = ... + Bm x_t
+        dBm = dBm + dh.T @ x[:, t]                                  # [S, P]
+        dlam = dlam + np.sum(h_prev.conj() * dh, axis=0)            # d/dlambda of lambda h_{t-1}
+        dh = lam.conj() * dh                                        # to h_{t-1}
+    grads = {"x": dx, "log_lam": lam.conj() * dlam, "Bm": dBm, "Cm": dCm, "initial_state": dh}
+    return _skip_vjp(x, Dm, do, grads)
+
+
+# ----------------------------------------------------------------------------- convolution
+# The closed form y = K * x + ..., shared by the parallel and chunkwise forms (and the skip term
+# Dm x of every form).
 def _powers(log_lam, n):
     """W[l] = lambda^l = exp(l * log_lam) for l = 0 .. n-1: [S] -> [n, S] (|W| <= 1)."""
     l = np.arange(n, dtype=log_lam.real.dtype)                      # [n]
@@ -220,68 +259,6 @@ def kernel(log_lam, Bm, Cm, T, *, output="re"):
     return _kernel(_powers(log_lam, int(T)), Bm, Cm, _output_factor(output))
 
 
-# ----------------------------------------------------------------------------- recurrent
-def _advance(x, log_lam, Bm):
-    """One step of the recurrence as a function of (h_{t-1}, t), for loops and reverse sweeps."""
-    lam = np.exp(log_lam)                                           # [S]
-
-    def advance(h, t):
-        return lam * h + x[:, t] @ Bm.T                             # [B, S]
-
-    return advance
-
-
-@forward_form(SPEC)
-def recurrent(x, log_lam, Bm, Cm, Dm, *, initial_state, output):
-    """The definition: a loop over t. x: [B, T, P]; log_lam: [S]; Bm: [S, P]; Cm: [Q, S];
-    Dm: [Q, P] or None; initial_state: [B, S] complex. Returns y: [B, T, Q] (dtype of x)."""
-    c = _output_factor(output)
-    advance = _advance(x, log_lam, Bm)
-    y = _skip(x, Dm, Cm.shape[0])                                   # [B, T, Q]
-    h = initial_state                                               # [B, S]
-    for t in range(x.shape[1]):
-        h = advance(h, t)
-        y[:, t] += c * (h @ Cm.T).real                              # [B, Q]
-    return y, h
-
-
-@step_form(SPEC)
-def step(x, log_lam, Bm, Cm, Dm, *, state, output):
-    """One token: x: [B, P]; state: [B, S] complex. Returns (y_t [B, Q], h_t [B, S])."""
-    c = _output_factor(output)
-    h = np.exp(log_lam) * state + x @ Bm.T                          # [B, S]
-    y = c * (h @ Cm.T).real                                         # [B, Q]
-    if Dm is not None:
-        y = y + x @ Dm.T
-    return y, h
-
-
-@vjp_form(SPEC)
-def recurrent_vjp(x, log_lam, Bm, Cm, Dm, do, dht, *, initial_state, output):
-    """Backward of the loop, walking t = T-1 .. 0 with the adjoint state dh (ground truth).
-
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
-    """
-    c = _output_factor(output)
-    lam = np.exp(log_lam)                                           # [S]
-    dx = np.zeros_like(x)
-    dBm, dCm, dlam = np.zeros_like(Bm), np.zeros_like(Cm), np.zeros_like(log_lam)
-    dh = dht.copy()                                                 # [B, S]
-
-    def visit(t, h_prev, h_t):
-        nonlocal dh, dBm, dCm, dlam
-        dh = dh + c * (do[:, t] @ Cm.conj())                        # read y_t = c Re(Cm h_t)
-        dCm = dCm + c * (do[:, t].T @ h_t.conj())                   # [Q, S]
-        dx[:, t] = (dh @ Bm.conj()).real                            # h_t = ... + Bm x_t
-        dBm = dBm + dh.T @ x[:, t]                                  # [S, P]
-        dlam = dlam + np.sum(h_prev.conj() * dh, axis=0)            # d/dlambda of lambda h_{t-1}
-        dh = lam.conj() * dh                                        # to h_{t-1}
-
-    reverse_sweep(_advance(x, log_lam, Bm), initial_state, x.shape[1], visit)
-    grads = {"x": dx, "log_lam": lam.conj() * dlam, "Bm": dBm, "Cm": dCm, "initial_state": dh}
-    return _skip_vjp(x, Dm, do, grads)
-
-
 # ----------------------------------------------------------------------------- parallel
 def _parallel_parts(x, log_lam, Bm, Cm, c, initial_state):
     """Shared by the parallel forward and backward: powers, kernel, the initial-state read."""
@@ -359,7 +336,23 @@ def _chunk_lengths(T, C):
     return lengths
 
 
-def _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C):
+class ChunkParts(NamedTuple):
+    """Steps 1-3 of the chunkwise form, shared by forward and backward (N chunks of C tokens)."""
+
+    W: np.ndarray               # [C+1, S]        lambda^0 .. lambda^C
+    K: np.ndarray               # [C, Q, P]       the kernel K_0 .. K_{C-1}
+    xc: np.ndarray              # [B, N, C, P]    chunked inputs
+    u: np.ndarray               # [B, N, C, S]    Bm x_s
+    lengths: np.ndarray         # [N]             the chunks' real lengths L_n
+    to_end_power: np.ndarray    # [N, C]          L_n - 1 - s
+    valid: np.ndarray           # [N, C]          s < L_n (not padding)
+    to_end: np.ndarray          # [N, C, S]       lambda^{L_n-1-s}, 0 at padding
+    h_in: np.ndarray            # [B, N, S]       the state entering each chunk
+    h_read: np.ndarray          # [B, N, C, S]    lambda^{t+1} h_in
+    final_state: np.ndarray     # [B, S]
+
+
+def _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C) -> ChunkParts:
     """Steps 1-3 of the chunkwise form, shared by forward and backward.
 
     Padding (zero x) would still decay the state if it were counted, so every chunk uses its real
@@ -385,7 +378,8 @@ def _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C):
         h_in[:, n] = h
         h = a_chunk[n] * h + U[:, n]
     h_read = W[1:] * h_in[:, :, None]                               # [B, N, C, S]: lambda^{t+1} h_in
-    return W, K, xc, u, lengths, to_end_power, valid, to_end, h_in, h_read, h
+    return ChunkParts(W=W, K=K, xc=xc, u=u, lengths=lengths, to_end_power=to_end_power,
+                      valid=valid, to_end=to_end, h_in=h_in, h_read=h_read, final_state=h)
 
 
 @forward_form(SPEC, chunked=True)
@@ -400,12 +394,13 @@ def chunkwise(x, log_lam, Bm, Cm, Dm, *, initial_state, output, chunk_size):
     """
     T, C = x.shape[1], chunk_size
     c = _output_factor(output)
-    W, K, xc, _, _, _, _, _, _, h_read, hT = _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C)
+    p = _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C)
+    xc = p.xc
     B, N = xc.shape[:2]
     Q = Cm.shape[0]
-    intra = _conv(xc.reshape((B * N,) + xc.shape[2:]), K).reshape((B, N, C, Q))   # [B, N, C, Q]
-    yc = intra + c * (h_read @ Cm.T).real                           # 4. [B, N, C, Q]
-    return _from_chunks(yc, T) + _skip(x, Dm, Cm.shape[0]), hT
+    intra = _conv(xc.reshape((B * N,) + xc.shape[2:]), p.K).reshape((B, N, C, Q))   # [B, N, C, Q]
+    yc = intra + c * (p.h_read @ Cm.T).real                         # 4. [B, N, C, Q]
+    return _from_chunks(yc, T) + _skip(x, Dm, Cm.shape[0]), p.final_state
 
 
 @vjp_form(SPEC, chunked=True)
@@ -421,8 +416,9 @@ def chunkwise_vjp(x, log_lam, Bm, Cm, Dm, do, dht, *, initial_state, output, chu
     """
     T, C = x.shape[1], chunk_size
     c = _output_factor(output)
-    (W, K, xc, u, lengths, to_end_power, valid, to_end, h_in, h_read,
-     _) = _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C)
+    p = _chunk_parts(x, log_lam, Bm, Cm, c, initial_state, C)
+    W, K, xc, u, lengths, h_in, h_read = p.W, p.K, p.xc, p.u, p.lengths, p.h_in, p.h_read
+    to_end_power, valid, to_end = p.to_end_power, p.valid, p.to_end
     B, N = xc.shape[:2]
     doc = _to_chunks(do, C)                                         # [B, N, C, Q]
     # 2. dh_end[n]: cotangent of the state at the end of chunk n (from the later chunks)
@@ -455,3 +451,26 @@ def chunkwise_vjp(x, log_lam, Bm, Cm, Dm, do, dht, *, initial_state, output, chu
     grads = {"x": _from_chunks(dxc, T), "log_lam": _log_lam_grad(W, dW), "Bm": dBm, "Cm": dCm,
              "initial_state": dh}
     return _skip_vjp(x, Dm, do, grads)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: |lambda| from the decay regime (constant over time), phases theta in
+    [0, pi), complex N(0, 1) Bm and Cm, real N(0, 1) x and Dm (no Dm in variant "2re_without_D")."""
+    B, T, P, Q, S = (dims[name] for name in "BTPQS")
+    cdtype = V.COMPLEX_OF[np.dtype(dtype)]
+    log_mag = _regimes.log_decay(rng, (S,), regime, np.float64, time_axis=0)   # [S], <= 0
+    theta = rng.uniform(0.0, np.pi, size=S)                                     # [S]
+
+    def complex_normal(shape):
+        return (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)) / np.sqrt(2)
+
+    inputs = {
+        "x": _regimes.normal(rng, (B, T, P), dtype),
+        "log_lam": (log_mag + 1j * theta).astype(cdtype),
+        "Bm": complex_normal((S, P)).astype(cdtype),
+        "Cm": complex_normal((Q, S)).astype(cdtype),
+    }
+    if variant != "2re_without_D":
+        inputs["Dm"] = _regimes.normal(rng, (Q, P), dtype)
+    return inputs
