@@ -61,7 +61,7 @@ Gradients (hand-written; S = the logits, P = softmax(S), one row per query):
            every logit whose segment (s, t] contains j), plus the final cache's terms
            d a_out / d g_j = a_out for the keys before j.
     recurrent_vjp walks t backwards (adjoint of the cache), recomputing the per-step cache weights
-    from checkpoints (``_scan.reverse_sweep``: never all T weight vectors; the keys and values are
+    from checkpoints (``_scan.reverse_steps``: never all T weight vectors; the keys and values are
     the cache itself, O(T)). parallel_vjp uses exclusive cumulative sums of dS along each row.
     chunkwise_vjp recomputes each (query chunk, key chunk) block from the saved row log-sum-exp,
     like flash attention's backward, and keeps per-row running sums of dS for dg.
@@ -75,32 +75,18 @@ Attention with a Forget Gate", 2025; Beltagy et al., "Longformer", 2020 (sliding
 """
 from __future__ import annotations
 
-import inspect
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import _regimes
 from .. import _validation as V
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, reverse_sweep, segsum, to_chunks
+from .._scan import from_chunks, reverse_steps, segsum, to_chunks
 from .._spec import Arg, OpSpec
 
 OP = "softmax_attention"
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """q, k, v ~ N(0, 1); "forget_gate" and "window" add g from the decay regime."""
-    B, T, H, K, V_ = (dims[d] for d in "BTHKV")
-    HV = dims.get("HV", H)
-    x = {
-        "q": _regimes.normal(rng, (B, T, H, K), dtype),
-        "k": _regimes.normal(rng, (B, T, H, K), dtype),
-        "v": _regimes.normal(rng, (B, T, HV, V_), dtype),
-    }
-    if variant != "default":
-        x["g"] = _regimes.log_decay(rng, (B, T, HV), regime, dtype)
-    return x
 
 
 SPEC = OpSpec(
@@ -113,7 +99,7 @@ SPEC = OpSpec(
     output="B T HV V",
     state=(Arg("k_cache", "N HV L K"), Arg("v_cache", "N HV L V"), Arg("a_cache", "N HV L", nonnegative=True)),
     growing_axis="L",
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("torch.nn.functional.scaled_dot_product_attention(is_causal=True)",
            "fla.ops.forgetting_attn.parallel_forgetting_attn",
            "flash_attn.flash_attn_func(causal=True, window_size=(W - 1, 0))"),
@@ -122,53 +108,6 @@ SPEC = OpSpec(
     options={"window": None},
     variants={"default": {}, "forget_gate": {}, "window": {"window": 5}},
 )
-
-
-# ----------------------------------------------------------------------------- checks, helpers
-def _check_window(window):
-    """window: None or an int >= 1 (the query's own token counts)."""
-    if window is None:
-        return None
-    if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral):
-        raise TypeError(f"{OP}: option 'window' must be a positive integer or None, "
-                        f"got {type(window).__name__} {window!r}")
-    if window < 1:
-        raise V.InputError(f"{OP}: option 'window' must be a positive integer (the number of keys "
-                           f"a query sees, itself included) or None, got {window}")
-    return int(window)
-
-
-def _heads(x):
-    """[B, T, H, ...] -> [B, H, T, ...]"""
-    return np.moveaxis(x, 1, 2)
-
-
-def _log(a):
-    """log of cache weights; log 0 = -inf (an absent entry), no warning."""
-    with np.errstate(divide="ignore"):
-        return np.log(a)
-
-
-def _gates(g, v):
-    """g: [B, T, H] or None -> [B, H, T] (zeros without a gate)."""
-    if g is None:
-        return np.zeros(v.shape[:3], dtype=v.dtype).swapaxes(1, 2)
-    return np.moveaxis(g, 1, -1)                                    # [B, H, T]
-
-
-def _window_keep(t, pos, window):
-    """t: query positions [..., Tq, 1]-broadcastable, pos: key positions -> bool mask s > t - W."""
-    if window is None:
-        return None
-    return pos > t - window
-
-
-def _exclusive_cumsum(x, axis=-1):
-    """out[i] = sum_{j < i} x[j] along axis."""
-    c = np.cumsum(x, axis=axis)
-    c = np.moveaxis(c, axis, -1)
-    out = np.concatenate([np.zeros_like(c[..., :1]), c[..., :-1]], axis=-1)
-    return np.moveaxis(out, -1, axis)
 
 
 # ----------------------------------------------------------------------------- recurrent
@@ -241,7 +180,7 @@ def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     (dK += scale dS q_t, dV += P do_t, da += E (dP - do_t . o_t)); the update
     a_t = [a_{t-1} e^{g_t}, 1] gives dg_t = <da_t, a_t> over the old entries and
     da_{t-1} = e^{g_t} da_t; dk_t, dv_t are the adjoints of the entry written at t.
-    Memory: the per-step weight vectors a_t are recomputed from checkpoints (reverse_sweep).
+    Memory: the per-step weight vectors a_t are recomputed from checkpoints (reverse_steps).
     """
     window = _check_window(window)
     Kc, Vc, a0 = initial_state
@@ -253,8 +192,7 @@ def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     dK, dV, da = (x.copy() for x in dht)                            # adjoint of the final cache
     dq = np.zeros_like(q)
     dg = np.zeros(gh.shape, dtype=q.dtype)                          # [B, H, T]
-
-    def visit(t, a_prev, a_t):
+    for t, _, a_t in reverse_steps(_advance(gh), a0, T):
         n = L + t + 1
         q_t, do_t = q[:, t], do[:, t]                               # [B, H, K], [B, H, V]
         o_t, P, E = _read(q_t, K_all[:, :, :n], V_all[:, :, :n], a_t, scale, window)
@@ -267,12 +205,57 @@ def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
         da[:, :, :n] += E * centred
         dg[..., t] = np.sum(da[:, :, :n - 1] * a_t[..., :n - 1], axis=-1)
         da[:, :, :n - 1] *= decay[..., t, None]                     # to a_{t-1}
-
-    reverse_sweep(_advance(gh), a0, T, visit)
     grads = {"q": dq, "k": _heads(dK[:, :, L:]), "v": _heads(dV[:, :, L:]),
              "initial_state": (dK[:, :, :L], dV[:, :, :L], da[:, :, :L])}
     grads["g"] = None if g is None else np.moveaxis(dg, -1, 1)
     return grads
+
+
+# ----------------------------------------------------------------------------- checks, helpers
+def _check_window(window):
+    """window: None or an int >= 1 (the query's own token counts)."""
+    if window is None:
+        return None
+    if isinstance(window, (bool, np.bool_)) or not isinstance(window, numbers.Integral):
+        raise TypeError(f"{OP}: option 'window' must be a positive integer or None, "
+                        f"got {type(window).__name__} {window!r}")
+    if window < 1:
+        raise V.InputError(f"{OP}: option 'window' must be a positive integer (the number of keys "
+                           f"a query sees, itself included) or None, got {window}")
+    return int(window)
+
+
+def _heads(x):
+    """[B, T, H, ...] -> [B, H, T, ...]"""
+    return np.moveaxis(x, 1, 2)
+
+
+def _log(a):
+    """log of cache weights; log 0 = -inf (an absent entry), no warning."""
+    with np.errstate(divide="ignore"):
+        return np.log(a)
+
+
+def _gates(g, v):
+    """g: [B, T, H] or None -> [B, H, T] (zeros without a gate)."""
+    if g is None:
+        return np.zeros(v.shape[:3], dtype=v.dtype).swapaxes(1, 2)
+    return np.moveaxis(g, 1, -1)                                    # [B, H, T]
+
+
+def _window_keep(t, pos, window):
+    """t: query positions [..., Tq, 1]-broadcastable, pos: key positions -> bool mask s > t - W."""
+    if window is None:
+        return None
+    return pos > t - window
+
+
+def _exclusive_cumsum(x, axis=-1):
+    """out[i] = sum_{j < i} x[j] along axis."""
+    c = np.cumsum(x, axis=axis)
+    c = np.moveaxis(c, axis, -1)
+    out = np.concatenate([np.zeros_like(c[..., :1]), c[..., :-1]], axis=-1)
+    return np.moveaxis(out, -1, axis)
 
 
 # ----------------------------------------------------------------------------- parallel
@@ -297,7 +280,22 @@ def _softmax_rows(Z):
     return w / den, m, den
 
 
-def _parallel_parts(q, k, v, g, scale, initial_state, window):
+class ParallelParts(NamedTuple):
+    """Shared by the parallel forward and backward; the cache's L entries come first."""
+
+    qh: np.ndarray              # [B, H, T, K]
+    K_all: np.ndarray           # [B, H, L+T, K]  cached keys, then the call's keys
+    V_all: np.ndarray           # [B, H, L+T, V]
+    gh: np.ndarray              # [B, H, T]       log gates (zeros without a gate)
+    qk: np.ndarray              # [B, H, T, L+T]  scale q_t . k_s
+    bias: np.ndarray            # [B, H, T, L+T]  the gate / cache-weight / mask bias
+    P: np.ndarray               # [B, H, T, L+T]  softmax weights
+    m: np.ndarray               # [B, H, T, 1]    row max of the logits
+    den: np.ndarray             # [B, H, T, 1]    row sum of exp(logits - m)
+
+
+def _parallel_parts(q, k, v, g, scale, initial_state, window) -> ParallelParts:
+    """The parallel form's logits, bias and softmax weights (``ParallelParts``)."""
     Kc, Vc, a = initial_state
     qh = _heads(q)                                                  # [B, H, T, K]
     K_all = np.concatenate([Kc, _heads(k)], axis=2)                 # [B, H, L+T, K]
@@ -306,7 +304,7 @@ def _parallel_parts(q, k, v, g, scale, initial_state, window):
     qk = scale * (qh @ K_all.swapaxes(-1, -2))                      # [B, H, T, L+T]
     bias = _bias(gh, _log(a), window)                               # [B, H, T, L+T]
     P, m, den = _softmax_rows(qk + bias)                            # [B, H, T, L+T]
-    return qh, K_all, V_all, gh, qk, bias, P, m, den
+    return ParallelParts(qh=qh, K_all=K_all, V_all=V_all, gh=gh, qk=qk, bias=bias, P=P, m=m, den=den)
 
 
 def _final_cache(K_all, V_all, gh, a):
@@ -330,9 +328,9 @@ def attention_matrix(q, k, g, *, scale, window):
 def parallel(q, k, v, g, *, scale, initial_state, window):
     """o = softmax(scale Q [K_cache; K]^T + bias) [V_cache; V]. Shapes as ``recurrent``."""
     window = _check_window(window)
-    _, K_all, V_all, gh, _, _, P, _, _ = _parallel_parts(q, k, v, g, scale, initial_state, window)
-    o = P @ V_all                                                   # [B, H, T, V]
-    return _heads(o), _final_cache(K_all, V_all, gh, initial_state[2])
+    p = _parallel_parts(q, k, v, g, scale, initial_state, window)
+    o = p.P @ p.V_all                                               # [B, H, T, V]
+    return _heads(o), _final_cache(p.K_all, p.V_all, p.gh, initial_state[2])
 
 
 @vjp_form(SPEC)
@@ -340,8 +338,8 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     """Backward of the parallel form: dS = P (dP - dO . O), matrix products, and dg from
     exclusive cumulative sums of dS along each row (cache columns first)."""
     window = _check_window(window)
-    qh, K_all, V_all, gh, qk, bias, P, m, den = _parallel_parts(q, k, v, g, scale, initial_state,
-                                                                window)
+    p = _parallel_parts(q, k, v, g, scale, initial_state, window)
+    qh, K_all, V_all, gh, qk, P, m, den = p.qh, p.K_all, p.V_all, p.gh, p.qk, p.P, p.m, p.den
     a = initial_state[2]
     L, T = a.shape[-1], q.shape[1]
     doh = _heads(do)                                                # [B, H, T, V]
@@ -371,44 +369,60 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
 
 
 # ----------------------------------------------------------------------------- chunkwise
-def _chunk_parts(q, k, v, g, C):
-    """Chunked inputs and the pieces of the gate bias (all sums of gates inside one segment).
+class ChunkParts(NamedTuple):
+    """Chunked inputs and the pieces of the gate bias (all sums of log gates inside one segment).
 
     from_start[n, t] = g over chunk n's tokens up to t; to_end[n, s] = g after s to chunk n's end;
     before[n] = g over chunks < n; between[n, j] = g over chunks j+1 .. n-1 (n > j)."""
+
+    qc: np.ndarray              # [B, H, N, C, K]  chunked inputs
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    gc: np.ndarray              # [B, H, N, C]     log gates (zeros without a gate)
+    segsum_in: np.ndarray       # [B, H, N, C, C]  g_{s+1} + .. + g_t inside each chunk (s <= t)
+    from_start: np.ndarray      # [B, H, N, C]
+    to_end: np.ndarray          # [B, H, N, C]
+    totals: np.ndarray          # [B, H, N]        g over each whole chunk
+    before: np.ndarray          # [B, H, N]
+    between: np.ndarray         # [B, H, N, N]
+
+
+def _chunk_parts(q, k, v, g, C) -> ChunkParts:
+    """The chunked inputs and gate sums of ``ChunkParts``."""
     qc, kc, vc = to_chunks(q, C), to_chunks(k, C), to_chunks(v, C)  # [B, H, N, C, K|V]
     gh = np.zeros(v.shape[:3], v.dtype) if g is None else g
     gc = to_chunks(gh, C)                                           # [B, H, N, C]
-    D_in = segsum(gc)                                               # [B, H, N, C, C]
+    segsum_in = segsum(gc)                                          # [B, H, N, C, C]
     from_start = np.cumsum(gc, axis=-1)                             # [B, H, N, C]
-    to_end = D_in[..., -1, :]                                       # [B, H, N, C]
+    to_end = segsum_in[..., -1, :]                                  # [B, H, N, C]
     totals = from_start[..., -1]                                    # [B, H, N]
     before = _exclusive_cumsum(totals, axis=-1)                     # [B, H, N]
     seg = segsum(totals)                                            # [B, H, N, N]: chunks j+1..n
     between = np.concatenate([np.full_like(seg[..., :1, :], -np.inf), seg[..., :-1, :]], axis=-2)
-    return qc, kc, vc, gc, D_in, from_start, to_end, totals, before, between
+    return ChunkParts(qc=qc, kc=kc, vc=vc, gc=gc, segsum_in=segsum_in, from_start=from_start,
+                      to_end=to_end, totals=totals, before=before, between=between)
 
 
 def _block_logits(parts, Kc_b, log_a_b, c0, j, L, scale, window):
     """Logits of every query chunk n >= j (j = None: a cache block starting at c0) against one key
     block. Returns Z [B, H, N', C, Cb], its part without log a (cache) and the first query chunk."""
-    qc, kc, vc, gc, D_in, from_start, to_end, totals, before, between = parts
+    qc, kc, from_start, to_end = parts.qc, parts.kc, parts.from_start, parts.to_end
     N, C = qc.shape[2], qc.shape[3]
     t_pos = np.arange(N * C).reshape(N, C)                          # query positions [N, C]
     if j is None:                                                   # cache block
         n0 = 0
         pos = np.arange(c0, c0 + Kc_b.shape[2]) - L                 # key positions [Cb]
         qk = scale * (qc @ Kc_b[:, :, None].swapaxes(-1, -2))       # [B, H, N, C, Cb]
-        G = (before[..., None] + from_start)[..., None]             # [B, H, N, C, 1]
+        G = (parts.before[..., None] + from_start)[..., None]       # [B, H, N, C, 1]
         no_a = qk + G
         Z = no_a + log_a_b[:, :, None, None, :]
     else:                                                           # token chunk j
         n0 = j
         pos = np.arange(j * C, (j + 1) * C)
         qk = scale * (qc[:, :, j:] @ kc[:, :, j, None].swapaxes(-1, -2))  # [B, H, N-j, C, C]
-        off = (from_start[:, :, j + 1:, :, None] + between[:, :, j + 1:, j, None, None]
+        off = (from_start[:, :, j + 1:, :, None] + parts.between[:, :, j + 1:, j, None, None]
                + to_end[:, :, j, None, None, :])                    # [B, H, N-j-1, C, C]
-        bias = np.concatenate([D_in[:, :, j, None], off], axis=2)   # [B, H, N-j, C, C]
+        bias = np.concatenate([parts.segsum_in[:, :, j, None], off], axis=2)   # [B, H, N-j, C, C]
         Z, no_a = qk + bias, None
     keep = _window_keep(t_pos[n0:, :, None], pos, window)           # [N', C, Cb]
     if keep is not None:
@@ -432,7 +446,7 @@ def _chunk_forward(q, k, v, g, scale, initial_state, C, window):
     Kc, Vc, a = initial_state
     L = a.shape[-1]
     parts = _chunk_parts(q, k, v, g, C)
-    qc, kc, vc = parts[:3]
+    qc, vc = parts.qc, parts.vc
     N = qc.shape[2]
     log_a = _log(a)                                                 # [B, H, L]
     m = np.full(qc.shape[:-1], -np.inf, dtype=q.dtype)              # [B, H, N, C]
@@ -456,7 +470,7 @@ def _chunk_forward(q, k, v, g, scale, initial_state, C, window):
 
 def _chunk_final_cache(parts, initial_state, T):
     """a_out = [a_i exp(G_T) | exp(to_end_s + g over the later chunks)], [B, H, L+T]."""
-    qc, kc, vc, gc, D_in, from_start, to_end, totals, before, between = parts
+    kc, vc, to_end, totals = parts.kc, parts.vc, parts.to_end, parts.totals
     Kc, Vc, a = initial_state
     after = np.flip(_exclusive_cumsum(np.flip(totals, -1), -1), -1)  # [B, H, N]: chunks > n
     a_tok = np.exp(to_end + after[..., None]).reshape(a.shape[:2] + (-1,))[..., :T]
@@ -499,7 +513,7 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size, wind
     Kc, Vc, a = initial_state
     L = a.shape[-1]
     parts, oc, lse = _chunk_forward(q, k, v, g, scale, initial_state, C, window)
-    qc, kc, vc = parts[:3]
+    qc, kc, vc = parts.qc, parts.kc, parts.vc
     N = qc.shape[2]
     doc = to_chunks(do, C)                                          # [B, H, N, C, V]
     delta = np.sum(doc * oc, axis=-1)                               # [B, H, N, C]: dO . o
@@ -541,7 +555,7 @@ def chunkwise_vjp(q, k, v, g, do, dht, *, scale, initial_state, chunk_size, wind
         pre[:, :, j:] += dS.sum(axis=-1)
     # 4. the final cache
     K_all, V_all, a_out = _chunk_final_cache(parts, initial_state, T)
-    G_T = np.sum(parts[7], axis=-1, keepdims=True)                  # [B, H, 1]
+    G_T = np.sum(parts.totals, axis=-1, keepdims=True)              # [B, H, 1]
     da += dht[2][..., :L] * np.exp(G_T)
     dg = from_chunks(dgc, T) + np.moveaxis(_exclusive_cumsum(dht[2] * a_out, -1)[..., L:], -1, 1)
     grads = {"q": from_chunks(dqc, T), "k": from_chunks(dkc, T) + _heads(dht[0][:, :, L:]),
@@ -559,3 +573,18 @@ def truncate_cache(cache, window):
     keep = max(window - 1, 0)
     L = cache[2].shape[-1]
     return tuple(x[:, :, L - min(keep, L):] for x in cache)
+
+
+# ----------------------------------------------------------------------------- random inputs
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """q, k, v ~ N(0, 1); "forget_gate" and "window" add g from the decay regime."""
+    B, T, H, K, V_ = (dims[name] for name in "BTHKV")
+    HV = dims.get("HV", H)
+    x = {
+        "q": _regimes.normal(rng, (B, T, H, K), dtype),
+        "k": _regimes.normal(rng, (B, T, H, K), dtype),
+        "v": _regimes.normal(rng, (B, T, HV, V_), dtype),
+    }
+    if variant != "default":
+        x["g"] = _regimes.log_decay(rng, (B, T, HV), regime, dtype)
+    return x
