@@ -82,7 +82,7 @@ weights that contain f_j: the pairs s < j <= t of a chunk (D[t, s]), the initial
 t >= j, and the writes s < j and the entering state carried to the chunk's end. The two agree
 mathematically; the direct sum gives an exact 0 at a hard reset (f_j = -inf, every such weight is
 exactly 0) where the identity leaves rounding noise. di_s = k_s . dk_s in every form. The
-recurrent backward walks t backwards with ``_scan.reverse_sweep`` (checkpointed: never all T
+recurrent backward walks t backwards with ``_scan.reverse_steps`` (checkpointed: never all T
 states kept).
 
 Numerics. exp(i) is never formed: every exponent in every form is <= 0 (m is a running max of
@@ -102,82 +102,14 @@ References: Beck et al., "xLSTM: Extended Long Short-Term Memory", 2024; NX-AI m
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from typing import NamedTuple, Tuple
 
 import numpy as np
 
 from .. import _regimes
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import from_chunks, reverse_cumsum, reverse_sweep, segsum, to_chunks
+from .._scan import from_chunks, reverse_cumsum, reverse_steps, segsum, to_chunks
 from .._spec import Arg, OpSpec
-
-# make_inputs keeps every token's normaliser away from the floor's kink and well conditioned:
-KINK_MARGIN = 0.05      # |log |n_t^T q^_t|| >= this (n, q^ unstabilised; the kink is at 1)
-MAX_CANCELLATION = 50   # sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) <= this
-REDRAWS = 20            # redraws of an offending q_t before it is rescaled instead
-
-
-# ----------------------------------------------------------------------------- inputs
-def _normaliser_profile(q, k, i, f, scale):
-    """For every token (no initial state, float64): log |n_t^T q^_t| (true normaliser; 0 is the
-    kink of max(|.|, 1)) and the cancellation ratio
-    sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) (how much the output amplifies rounding).
-
-    q, k: [B, T, H, K]; i, f: [B, T, H] -> two [B, T, H] arrays. O(T^2) time, O(T) memory.
-    """
-    B, T, H, K = q.shape
-    log_weight = np.full((B, H, T), -np.inf)                         # [B, H, T]: log weight of s
-    log_init = np.zeros((B, H))                                      # [B, H]: F_t + m_0, m_0 = 0
-    log_ratio, cancellation = np.empty((B, T, H)), np.empty((B, T, H))
-    kh = np.moveaxis(k, 1, 2)                                        # [B, H, T, K]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for t in range(T):
-            log_weight = log_weight + f[:, t, :, None]               # decay every earlier write
-            log_weight[..., t] = i[:, t]
-            log_init = log_init + f[:, t]
-            m = np.maximum(log_init, log_weight.max(axis=-1))        # [B, H]
-            terms = np.exp(log_weight - m[..., None]) * (kh @ (scale * q[:, t, :, :, None]))[..., 0]
-            z = terms.sum(axis=-1)                                   # [B, H]: n~_t^T q^_t
-            log_ratio[:, t] = np.log(np.abs(z)) + m
-            floor = np.maximum(np.abs(z), np.exp(-m))                # [B, H]
-            cancellation[:, t] = np.abs(terms).sum(axis=-1) / floor
-    return log_ratio, cancellation
-
-
-def make_inputs(rng, regime, dims, dtype, variant="default"):
-    """Valid random inputs: q, k, v ~ N(0, 1); f from the decay regime; i ~ 2 N(0, 1).
-
-    Then q_t (which enters h_t only) is redrawn, up to REDRAWS times, where its normaliser is
-    within KINK_MARGIN of the kink |n_t^T q^_t| = 1 (finite differences would straddle it) or
-    cancels by more than MAX_CANCELLATION (h_t is then ill-conditioned: float32 loses ~1e-7 times
-    that ratio, and a random initial state of O(1) can move such a token onto the kink). A token
-    still offending is rescaled to |n_t^T q^_t| = 1/2. The floor binds at some tokens and not at
-    others. Checked without an initial state; a random initial state perturbs n by O(1) only.
-    """
-    if variant != "default":
-        raise ValueError(f"mlstm: unknown variant {variant!r}; expected 'default'")
-    B, T, H, K, V = (dims[d] for d in "BTHKV")
-    q = _regimes.normal(rng, (B, T, H, K), dtype).astype(np.float64)
-    k = _regimes.normal(rng, (B, T, H, K), dtype).astype(np.float64)
-    v = _regimes.normal(rng, (B, T, H, V), dtype)
-    f = _regimes.log_decay(rng, (B, T, H), regime, dtype).astype(np.float64)
-    i = (2.0 * _regimes.normal(rng, (B, T, H), dtype)).astype(np.float64)
-
-    def offending(q):
-        log_ratio, cancellation = _normaliser_profile(q, k, i, f, K ** -0.5)   # [B, T, H]
-        return (np.abs(log_ratio) < KINK_MARGIN) | (cancellation > MAX_CANCELLATION), log_ratio
-
-    bad, log_ratio = offending(q)
-    for _ in range(REDRAWS):
-        if not bad.any():
-            break
-        fresh = _regimes.normal(rng, q.shape, dtype).astype(np.float64)          # [B, T, H, K]
-        q = np.where(bad[..., None], fresh, q)
-        bad, log_ratio = offending(q)
-    factor = np.where(bad, 0.5 * np.exp(-np.where(bad, log_ratio, 0.0)), 1.0)   # [B, T, H]
-    return {"q": (q * factor[..., None]).astype(dtype), "k": k.astype(dtype), "v": v,
-            "i": i.astype(dtype), "f": f.astype(dtype)}
-
 
 SPEC = OpSpec(
     name="mlstm",
@@ -189,7 +121,7 @@ SPEC = OpSpec(
             Arg("f", "BTH", log_gate=True)),
     output="BTHV",
     state=(Arg("C", "NHKV"), Arg("n", "NHK"), Arg("m", "NH")),
-    default_scale=lambda d: d["K"] ** -0.5,
+    default_scale=lambda dims: dims["K"] ** -0.5,
     peers=("mlstm_kernels.torch.recurrent.mlstm_recurrent_sequence__native_fw "
            "(our f = logsigmoid(its f), eps=0)",
            "mlstm_kernels.torch.parallel.mlstm_parallel__native_autograd",
@@ -201,7 +133,7 @@ SPEC = OpSpec(
 
 # ----------------------------------------------------------------------------- recurrent
 def _advance(k, v, i, f):
-    """One stabilised step as a function of ((C~, n~, m)_{t-1}, t), for loops and reverse sweeps."""
+    """One stabilised step as a function of ((C~, n~, m)_{t-1}, t), for loops and reverse walks."""
 
     def advance(state, t):
         C, n, m = state                                              # [B,H,K,V], [B,H,K], [B,H]
@@ -265,7 +197,7 @@ def step(q, k, v, i, f, *, state, scale):
 def recurrent_vjp(q, k, v, i, f, do, dht, *, scale, initial_state):
     """Backward of the loop, walking t = T-1 .. 0 with the scaled adjoints G, g (ground truth).
 
-    Memory: states are recomputed from checkpoints (``_scan.reverse_sweep``), never all T kept.
+    Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept.
     """
     dq, dk, dv, di, df = (np.zeros_like(x) for x in (q, k, v, i, f))
     G, g = dht[0].copy(), dht[1].copy()                              # [B,H,K,V], [B,H,K]
@@ -273,9 +205,11 @@ def recurrent_vjp(q, k, v, i, f, do, dht, *, scale, initial_state):
     on_i = np.zeros(i.shape, dtype=bool)                             # [B, T, H]
     on_f = np.zeros(i.shape, dtype=bool)                             # [B, T, H]
     open_path = np.ones(i.shape[:1] + i.shape[2:], dtype=bool)       # [B, H]
-
-    def visit(t, prev, cur):
-        nonlocal G, g, open_path
+    T = q.shape[1]
+    final_state = initial_state                                      # (C~, n~, m)_T; S_0 if T = 0
+    for t, prev, cur in reverse_steps(_advance(k, v, i, f), initial_state, T):
+        if t == T - 1:                                               # the first step walked back
+            final_state = cur
         (C_p, n_p, m_p), (C_t, n_t, m_t) = prev, cur
         q_hat = scale * q[:, t]                                      # [B, H, K]
         h, z, den = _read(q_hat, cur)
@@ -296,8 +230,7 @@ def recurrent_vjp(q, k, v, i, f, do, dht, *, scale, initial_state):
         on_i[:, t] = open_path & input_wins
         on_f[:, t] = open_path & ~input_wins
         open_path = open_path & ~input_wins
-
-    C_T, n_T, _ = reverse_sweep(_advance(k, v, i, f), initial_state, q.shape[1], visit)
+    C_T, n_T, _ = final_state
     dm_eff = dht[2] - np.sum(dht[0] * C_T, axis=(-2, -1)) - np.sum(dht[1] * n_T, axis=-1)  # [B, H]
     di += dm_eff[:, None] * on_i
     df += dm_eff[:, None] * on_f
@@ -315,11 +248,24 @@ def _log_decay_matrix(i, f):
     return segsum(f) + i[..., None, :], np.cumsum(f, axis=-1)
 
 
-def _block_forward(q_hat, k, v, log_D, b, C0, n0, m0):
+class BlockForward(NamedTuple):
+    """The parallel form of one block of L tokens: the output h and what its backward needs."""
+
+    log_w: np.ndarray           # [..., L]     F_t + m_0, the log weight of the entering state
+    m: np.ndarray               # [..., L]     the stabiliser, as the recurrence's m_t
+    E: np.ndarray               # [..., L, L]  exp(log_D - m), causal, <= 1
+    w: np.ndarray               # [..., L]     exp(log_w - m) <= 1
+    P: np.ndarray               # [..., L, L]  (q^ k^T) * E
+    z: np.ndarray               # [..., L]     n~_t^T q^_t
+    den: np.ndarray             # [..., L]     max(|z|, exp(-m))
+    h: np.ndarray               # [..., L, V]  the output
+
+
+def _block_forward(q_hat, k, v, log_D, b, C0, n0, m0) -> BlockForward:
     """The parallel form of one block given the state (C0, n0, m0) entering it.
 
     q_hat, k: [..., L, K]; v: [..., L, V]; log_D: [..., L, L]; b: [..., L];
-    C0: [..., K, V]; n0: [..., K]; m0: [...]. Returns a namespace of h and the intermediates.
+    C0: [..., K, V]; n0: [..., K]; m0: [...].
     """
     log_w = b + m0[..., None]                                        # [..., L]: F_t + m_0
     m = np.maximum(log_w, log_D.max(axis=-1))                        # [..., L]: the recurrent m_t
@@ -330,7 +276,7 @@ def _block_forward(q_hat, k, v, log_D, b, C0, n0, m0):
     z = P.sum(axis=-1) + w * (q_hat @ n0[..., None])[..., 0]         # [..., L]
     den = _denominator(z, m)                                         # [..., L]
     h = num / den[..., None]                                         # [..., L, V]
-    return SimpleNamespace(log_w=log_w, m=m, E=E, w=w, P=P, z=z, den=den, h=h)
+    return BlockForward(log_w=log_w, m=m, E=E, w=w, P=P, z=z, den=den, h=h)
 
 
 def _block_end_state(k, v, fw, C0, n0):
@@ -483,7 +429,22 @@ def _chunk_input_gate(i, C):
     return np.where(real, to_chunks(i, C), -np.inf)                  # [B, H, N, C]
 
 
-def _chunk_parts(q, k, v, i, f, scale, initial_state, C):
+class ChunkParts(NamedTuple):
+    """Steps 1-4 of the chunkwise form, shared by forward and backward; arrays [B, H, N, ...]."""
+
+    qc: np.ndarray              # [B, H, N, C, K]  chunked scale * q
+    kc: np.ndarray              # [B, H, N, C, K]
+    vc: np.ndarray              # [B, H, N, C, V]
+    log_D: np.ndarray           # [B, H, N, C, C]  intra-chunk log decay matrix
+    fw: BlockForward            # the parallel form of every chunk from its entering state
+    C_in: np.ndarray            # [B, H, N, K, V]  the state entering each chunk
+    n_in: np.ndarray            # [B, H, N, K]
+    m_in: np.ndarray            # [B, H, N]
+    m_loc: np.ndarray           # [B, H, N]        the chunk's own max over its writes
+    final: Tuple[np.ndarray, np.ndarray, np.ndarray]   # (C~, n~, m) after the last chunk
+
+
+def _chunk_parts(q, k, v, i, f, scale, initial_state, C) -> ChunkParts:
     """Steps 1-4 of the chunkwise form, shared by forward and backward."""
     qc, kc, vc = to_chunks(scale * q, C), to_chunks(k, C), to_chunks(v, C)   # [B, H, N, C, K|V]
     ic, fc = _chunk_input_gate(i, C), to_chunks(f, C)                # [B, H, N, C]
@@ -511,8 +472,8 @@ def _chunk_parts(q, k, v, i, f, scale, initial_state, C):
         m_s = m_out
     # 4. the parallel form on every chunk, from the state entering it
     fw = _block_forward(qc, kc, vc, log_D, b, C_in, n_in, m_in)
-    return SimpleNamespace(qc=qc, kc=kc, vc=vc, log_D=log_D, fw=fw, C_in=C_in, n_in=n_in,
-                           m_in=m_in, m_loc=m_loc, final=(C_s, n_s, m_s))
+    return ChunkParts(qc=qc, kc=kc, vc=vc, log_D=log_D, fw=fw, C_in=C_in, n_in=n_in, m_in=m_in,
+                      m_loc=m_loc, final=(C_s, n_s, m_s))
 
 
 @forward_form(SPEC, chunked=True)
@@ -568,3 +529,71 @@ def chunkwise_vjp(q, k, v, i, f, do, dht, *, scale, initial_state, chunk_size):
     return {"q": from_chunks(scale * dq_hat, T), "k": from_chunks(dk, T), "v": from_chunks(dv, T),
             "i": from_chunks(di, T), "f": from_chunks(df, T),
             "initial_state": (G, g, dm0.astype(m0.dtype))}
+
+
+# ----------------------------------------------------------------------------- random inputs
+# make_inputs keeps every token's normaliser away from the floor's kink and well conditioned:
+KINK_MARGIN = 0.05      # |log |n_t^T q^_t|| >= this (n, q^ unstabilised; the kink is at 1)
+MAX_CANCELLATION = 50   # sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) <= this
+REDRAWS = 20            # redraws of an offending q_t before it is rescaled instead
+
+
+def _normaliser_profile(q, k, i, f, scale):
+    """For every token (no initial state, float64): log |n_t^T q^_t| (true normaliser; 0 is the
+    kink of max(|.|, 1)) and the cancellation ratio
+    sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) (how much the output amplifies rounding).
+
+    q, k: [B, T, H, K]; i, f: [B, T, H] -> two [B, T, H] arrays. O(T^2) time, O(T) memory.
+    """
+    B, T, H, K = q.shape
+    log_weight = np.full((B, H, T), -np.inf)                         # [B, H, T]: log weight of s
+    log_init = np.zeros((B, H))                                      # [B, H]: F_t + m_0, m_0 = 0
+    log_ratio, cancellation = np.empty((B, T, H)), np.empty((B, T, H))
+    kh = np.moveaxis(k, 1, 2)                                        # [B, H, T, K]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        for t in range(T):
+            log_weight = log_weight + f[:, t, :, None]               # decay every earlier write
+            log_weight[..., t] = i[:, t]
+            log_init = log_init + f[:, t]
+            m = np.maximum(log_init, log_weight.max(axis=-1))        # [B, H]
+            terms = np.exp(log_weight - m[..., None]) * (kh @ (scale * q[:, t, :, :, None]))[..., 0]
+            z = terms.sum(axis=-1)                                   # [B, H]: n~_t^T q^_t
+            log_ratio[:, t] = np.log(np.abs(z)) + m
+            floor = np.maximum(np.abs(z), np.exp(-m))                # [B, H]
+            cancellation[:, t] = np.abs(terms).sum(axis=-1) / floor
+    return log_ratio, cancellation
+
+
+def make_inputs(rng, regime, dims, dtype, variant="default"):
+    """Valid random inputs: q, k, v ~ N(0, 1); f from the decay regime; i ~ 2 N(0, 1).
+
+    Then q_t (which enters h_t only) is redrawn, up to REDRAWS times, where its normaliser is
+    within KINK_MARGIN of the kink |n_t^T q^_t| = 1 (finite differences would straddle it) or
+    cancels by more than MAX_CANCELLATION (h_t is then ill-conditioned: float32 loses ~1e-7 times
+    that ratio, and a random initial state of O(1) can move such a token onto the kink). A token
+    still offending is rescaled to |n_t^T q^_t| = 1/2. The floor binds at some tokens and not at
+    others. Checked without an initial state; a random initial state perturbs n by O(1) only.
+    """
+    if variant != "default":
+        raise ValueError(f"mlstm: unknown variant {variant!r}; expected 'default'")
+    B, T, H, K, V = (dims[d] for d in "BTHKV")
+    q = _regimes.normal(rng, (B, T, H, K), dtype).astype(np.float64)
+    k = _regimes.normal(rng, (B, T, H, K), dtype).astype(np.float64)
+    v = _regimes.normal(rng, (B, T, H, V), dtype)
+    f = _regimes.log_decay(rng, (B, T, H), regime, dtype).astype(np.float64)
+    i = (2.0 * _regimes.normal(rng, (B, T, H), dtype)).astype(np.float64)
+
+    def offending(q):
+        log_ratio, cancellation = _normaliser_profile(q, k, i, f, K ** -0.5)   # [B, T, H]
+        return (np.abs(log_ratio) < KINK_MARGIN) | (cancellation > MAX_CANCELLATION), log_ratio
+
+    bad, log_ratio = offending(q)
+    for _ in range(REDRAWS):
+        if not bad.any():
+            break
+        fresh = _regimes.normal(rng, q.shape, dtype).astype(np.float64)          # [B, T, H, K]
+        q = np.where(bad[..., None], fresh, q)
+        bad, log_ratio = offending(q)
+    factor = np.where(bad, 0.5 * np.exp(-np.where(bad, log_ratio, 0.0)), 1.0)   # [B, T, H]
+    return {"q": (q * factor[..., None]).astype(dtype), "k": k.astype(dtype), "v": v,
+            "i": i.astype(dtype), "f": f.astype(dtype)}
