@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from linrec_ref import testing
-from linrec_ref._scan import from_chunks, reverse_sweep, segsum, to_chunks
+from linrec_ref._scan import from_chunks, reverse_steps, reverse_sweep, segsum, to_chunks
 from linrec_ref.ops import simple_gla
 
 
@@ -123,3 +123,13 @@ def test_reverse_sweep_visits_every_step_backwards_with_the_right_states(block):
         states.append(states[-1] * 2 + t)
     assert final == states[-1]
     assert visited == [(t, states[t], states[t + 1]) for t in reversed(range(10))]
+
+
+@pytest.mark.parametrize("block", [1, 3, 64])
+@pytest.mark.parametrize("T", [0, 1, 10])
+def test_reverse_steps_yields_every_step_backwards_with_the_right_states(block, T):
+    states = [1.0]
+    for t in range(T):
+        states.append(states[-1] * 2 + t)
+    walked = list(reverse_steps(lambda S, t: S * 2 + t, 1.0, T, block=block))
+    assert walked == [(t, states[t], states[t + 1]) for t in reversed(range(T))]
