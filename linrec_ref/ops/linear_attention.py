@@ -215,7 +215,8 @@ def _normalized_forward(dense, q, k, v, initial_state, **kw):
 
 
 def _normalized_vjp(dense, dense_vjp, q, k, v, do, dht, initial_state, **kw):
-    """Backward of _normalized_forward: dn = do / d, dd = -(do . o) / d, then the plain vjp."""
+    """Backward of _normalized_forward: d_num = do / den, d_den = -(do . o) / den, then the
+    plain vjp."""
     v1, h0 = _with_ones(v), _join(initial_state)
     o_aug, _ = dense(q, k, v1, h0, scale=1.0, **kw)
     den = o_aug[..., -1]                                            # [B, T, H]

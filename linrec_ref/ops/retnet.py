@@ -84,35 +84,6 @@ SPEC = OpSpec(
 )
 
 
-# ----------------------------------------------------------------------------- closed-form decay
-def _log_decay(g, q):
-    """g as given, or RetNet's defaults for q's heads and dtype. Returns [H]."""
-    return default_log_decay(q.shape[2], q.dtype) if g is None else g
-
-
-def _decay_power(g, n):
-    """gamma^n = exp(n g) for integer lags n (arrays broadcasting together).
-
-    Exactly 1 at n = 0 (also for g = -inf, where n * g would be NaN) and 0 for n < 0 (acausal
-    entries), so it doubles as the causal mask. The exponent n g is never positive.
-    """
-    n = np.asarray(n)
-    exponent = np.where(n > 0, n, 1).astype(g.dtype) * g            # finite or -inf, never NaN
-    return np.where(n > 0, np.exp(exponent), (n == 0).astype(g.dtype))
-
-
-def _lag_weighted(g, n):
-    """d(gamma^n)/dg = n gamma^n (0 for n <= 0 and for gamma = 0)."""
-    n = np.asarray(n)
-    return np.where(n > 0, n, 0).astype(g.dtype) * _decay_power(g, n)
-
-
-def _lags(T):
-    """[T, T] integer lags t - s."""
-    t = np.arange(T)
-    return t[:, None] - t[None, :]
-
-
 # ----------------------------------------------------------------------------- recurrent
 def _advance(k, v, g):
     """One step of the recurrence as a function of (S_{t-1}, t), for loops and reverse walks."""
@@ -165,6 +136,35 @@ def recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
         dg = dg + gamma * np.sum(dS * S_prev, axis=(0, 2, 3))          # d/dg of gamma S_{t-1}
         dS = gamma[:, None, None] * dS                                 # to S_{t-1}
     return {"q": dq, "k": dk, "v": dv, "g": dg, "initial_state": dS}
+
+
+# ----------------------------------------------------------------------------- closed-form decay
+def _log_decay(g, q):
+    """g as given, or RetNet's defaults for q's heads and dtype. Returns [H]."""
+    return default_log_decay(q.shape[2], q.dtype) if g is None else g
+
+
+def _decay_power(g, n):
+    """gamma^n = exp(n g) for integer lags n (arrays broadcasting together).
+
+    Exactly 1 at n = 0 (also for g = -inf, where n * g would be NaN) and 0 for n < 0 (acausal
+    entries), so it doubles as the causal mask. The exponent n g is never positive.
+    """
+    n = np.asarray(n)
+    exponent = np.where(n > 0, n, 1).astype(g.dtype) * g            # finite or -inf, never NaN
+    return np.where(n > 0, np.exp(exponent), (n == 0).astype(g.dtype))
+
+
+def _lag_weighted(g, n):
+    """d(gamma^n)/dg = n gamma^n (0 for n <= 0 and for gamma = 0)."""
+    n = np.asarray(n)
+    return np.where(n > 0, n, 0).astype(g.dtype) * _decay_power(g, n)
+
+
+def _lags(T):
+    """[T, T] integer lags t - s."""
+    t = np.arange(T)
+    return t[:, None] - t[None, :]
 
 
 # ----------------------------------------------------------------------------- parallel

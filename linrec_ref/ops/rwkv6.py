@@ -95,25 +95,6 @@ SPEC = OpSpec(
 )
 
 
-# ----------------------------------------------------------------------------- bonus term
-def _bonus(r, k, u):
-    """The bonus weight of the current token: r_t . (u * k_t). [B, (T,) H, K] -> [B, (T,) H]."""
-    return np.sum(r * u * k, axis=-1)
-
-
-def _bonus_vjp(r, k, v, u, do, scale):
-    """Gradients of the bonus term scale * (r_t . (u * k_t)) v_t (every form adds it).
-
-    Returns dr, dk, dv (shapes of r, k, v) and du [H, K] (summed over batch and time).
-    """
-    beta = scale * np.sum(do * v, axis=-1, keepdims=True)           # [B, T, H, 1]
-    dr = beta * u * k                                               # [B, T, H, K]
-    dk = beta * u * r                                               # [B, T, H, K]
-    dv = scale * _bonus(r, k, u)[..., None] * do                    # [B, T, H, V]
-    du = np.sum(beta * r * k, axis=(0, 1))                          # [H, K]
-    return dr, dk, dv, du
-
-
 # ----------------------------------------------------------------------------- recurrent
 def _advance(k, v, w):
     """One update S_t = diag(exp(w_t)) S_{t-1} + k_t v_t^T as a function of (S_{t-1}, t)."""
@@ -172,6 +153,25 @@ def recurrent_vjp(r, k, v, w, u, do, dht, *, scale, initial_state):
         dr[:, t] += scale * (S_prev @ do[:, t, :, :, None])[..., 0]    # [B, H, K]
         dS = a[:, t, :, :, None] * dS + scale * r[:, t, :, :, None] * do[:, t, :, None, :]
     return {"r": dr, "k": dk, "v": dv, "w": dw, "u": du, "initial_state": dS}
+
+
+# ----------------------------------------------------------------------------- bonus term
+def _bonus(r, k, u):
+    """The bonus weight of the current token: r_t . (u * k_t). [B, (T,) H, K] -> [B, (T,) H]."""
+    return np.sum(r * u * k, axis=-1)
+
+
+def _bonus_vjp(r, k, v, u, do, scale):
+    """Gradients of the bonus term scale * (r_t . (u * k_t)) v_t (every form adds it).
+
+    Returns dr, dk, dv (shapes of r, k, v) and du [H, K] (summed over batch and time).
+    """
+    beta = scale * np.sum(do * v, axis=-1, keepdims=True)           # [B, T, H, 1]
+    dr = beta * u * k                                               # [B, T, H, K]
+    dk = beta * u * r                                               # [B, T, H, K]
+    dv = scale * _bonus(r, k, u)[..., None] * do                    # [B, T, H, V]
+    du = np.sum(beta * r * k, axis=(0, 1))                          # [H, K]
+    return dr, dk, dv, du
 
 
 # ----------------------------------------------------------------------------- parallel
