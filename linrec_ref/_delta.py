@@ -126,7 +126,7 @@ def _chunk_decays(g, k, C, fast_bound):
 
 
 class UTParts(NamedTuple):
-    """Steps 1-3 of the chunkwise form for every chunk (no state involved); arrays [B, H, N, ...]."""
+    """Steps 1-3 of the chunkwise form for every chunk (no state involved); [B, H, N, ...]."""
 
     kc: np.ndarray          # [B, H, N, C, K]  keys of each chunk
     vc: np.ndarray          # [B, H, N, C, V]  values
@@ -162,7 +162,7 @@ def _ut_parts(k, v, beta, g, C, fast_bound=None) -> UTParts:
     gamma_k = decay.exp_Gq * kc                                     # [B, H, N, C, K]  Gamma_t * k_t
     u = T_mat @ vc                                                  # [B, H, N, C, V]
     w = T_mat @ gamma_k                                             # [B, H, N, C, K]
-    k_end = kc * decay.to_end                                       # [B, H, N, C, K]  e^{G_C - G_s} k_s
+    k_end = kc * decay.to_end                                       # [B, H, N, C, K]  e^{G_C-G_s} k_s
     P = decay.total[..., :, None] * np.eye(kc.shape[-1], dtype=kc.dtype) \
         - k_end.swapaxes(-1, -2) @ w                                # [B, H, N, K, K]
     U = k_end.swapaxes(-1, -2) @ u                                  # [B, H, N, K, V]
@@ -274,7 +274,7 @@ def chunkwise_vjp(q, k, v, beta, g, do, dht, scale, initial_state, chunk_size, f
     # 4. q, k, v, beta; each term of dk kept apart for the gate identity
     dq_read = scale * decay.exp_Gq * (doc @ S_in.swapaxes(-1, -2))  # [B, H, N, C, K]
     dq_scores = decayed_mix(dQKD, kc, decay)                        # [B, H, N, C, K]
-    dk_rows = decayed_mix(dKKD, kc, decay) + decay.exp_Gq * dgamma_k   # query side: KKD rows, Gamma*K
+    dk_rows = decayed_mix(dKKD, kc, decay) + decay.exp_Gq * dgamma_k   # query side: KKD rows, Gamma K
     dk_cols = (decayed_mix_t(dQKD, qc, decay) + decayed_mix_t(dKKD, kc, decay)
                + decay.to_end * (delta @ dS_end.swapaxes(-1, -2)))  # key side: QKD, KKD cols, K_end
     dq = dq_scores + dq_read + dQKD_diag * kc                       # [B, H, N, C, K]

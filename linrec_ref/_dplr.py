@@ -196,10 +196,10 @@ def _chunk_parts(q, k, v, a, b, w, initial_state, C, fast_bound=None) -> ChunkPa
     eye = np.eye(Wab.shape[-1], dtype=Wab.dtype)                    # [C, C]
     A_inv = solve_unit_lower(-Wab, eye)                             # [B, H, N, C, C]
     # 3. WY factors X = u + W S_in; chunk transition P and input U
-    a_read = ac * decay_strict.exp_Gq                               # [B, H, N, C, K]  a_t e^{G_{t-1}}
+    a_read = ac * decay_strict.exp_Gq                               # [B, H, N, C, K] a_t e^{G_{t-1}}
     W = A_inv @ a_read                                              # [B, H, N, C, K]
     u = A_inv @ (Wak @ vc)                                          # [B, H, N, C, V]
-    k_end = kc * decay_incl.to_end                                  # [B, H, N, C, K]  k_s e^{G_C-G_s}
+    k_end = kc * decay_incl.to_end                                  # [B, H, N, C, K] k_s e^{G_C-G_s}
     b_end = bc * decay_incl.to_end                                  # [B, H, N, C, K]
     P = b_end.swapaxes(-1, -2) @ W                                  # [B, H, N, K, K]
     idx = np.arange(P.shape[-1])

@@ -194,7 +194,7 @@ def _parallel_parts(q, k, v, g, gv, scale, initial_state) -> ParallelParts:
     Dk = _decay_mask(g)                                             # [B, H, K, T, T]
     Dv = None if gv is None else _decay_mask(gv)                    # [B, H, V, T, T]
     A = scale * np.einsum("bhtk,bhsk,bhkts->bhts", qh, kh, Dk)      # [B, H, T, T]
-    k_from_start = np.exp(np.cumsum(_heads(g), axis=2))             # [B, H, T, K]: exp(G_t), G from t=0
+    k_from_start = np.exp(np.cumsum(_heads(g), axis=2))             # [B, H, T, K]: exp(G_t) from t=0
     v_from_start = 1.0 if gv is None else np.exp(np.cumsum(_heads(gv), axis=2))   # [B, H, T, V]
     k_end = kh * Dk[..., -1, :].swapaxes(-1, -2)                    # [B, H, T, K]: k_s exp(G_T - G_s)
     if gv is None:
@@ -435,7 +435,8 @@ def chunkwise_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state, chunk_size):
 # ----------------------------------------------------------------------------- random inputs
 def make_inputs(rng, regime, dims, dtype, variant="default"):
     """Valid random inputs: q, k, v ~ N(0, 1); g (and gv for "value_gate") from the regime, per
-    channel; "hard_reset" also resets single (t, channel) entries (``_regimes.log_decay_per_channel``)."""
+    channel; "hard_reset" also resets single (t, channel) entries
+    (``_regimes.log_decay_per_channel``)."""
     B, T, H, K, V = (dims[name] for name in "BTHKV")
     x = {
         "q": _regimes.normal(rng, (B, T, H, K), dtype),

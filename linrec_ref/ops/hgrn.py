@@ -209,7 +209,7 @@ def _chunk_parts(x, g, initial_state, C, fast_bound):
     oc [B, D, N, C] and the final state [B, D].
     """
     xc = to_chunks(x, C)                                            # [B, D, N, C]
-    decay = chunk_decay(_channel_chunks(g, C), fast_bound=fast_bound)   # [B, D, N, C, 1]; fast [B, D, N]
+    decay = chunk_decay(_channel_chunks(g, C), fast_bound=fast_bound)   # [B, D, N, C, 1]
     exp_G = decay.exp_Gq[..., 0]                                    # [B, D, N, C]: exp(G_t) <= 1
     # 1. intra-chunk, from a zero state: o_t = sum_{s<=t} exp(G_t - G_s) x_s
     #    fast chunks: exp(G_t) * cumsum_s(exp(-G_s) x_s), O(C) (exp_neg_G = 0 in the other chunks)

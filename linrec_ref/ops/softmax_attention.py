@@ -304,7 +304,8 @@ def _parallel_parts(q, k, v, g, scale, initial_state, window) -> ParallelParts:
     qk = scale * (qh @ K_all.swapaxes(-1, -2))                      # [B, H, T, L+T]
     bias = _bias(gh, _log(a), window)                               # [B, H, T, L+T]
     P, m, den = _softmax_rows(qk + bias)                            # [B, H, T, L+T]
-    return ParallelParts(qh=qh, K_all=K_all, V_all=V_all, gh=gh, qk=qk, bias=bias, P=P, m=m, den=den)
+    return ParallelParts(qh=qh, K_all=K_all, V_all=V_all, gh=gh, qk=qk, bias=bias, P=P, m=m,
+                         den=den)
 
 
 def _final_cache(K_all, V_all, gh, a):
