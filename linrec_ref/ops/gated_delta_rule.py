@@ -29,11 +29,13 @@ a step never expands the state when |k| = 1 and beta in [0, 2]. Keys should be u
 ``use_qk_l2norm_in_kernel=True``) and beta in (0, 2); with raw keys the state, and the UT matrix
 of the chunkwise form, can grow exponentially.
 
-The delta family (delta_rule, gated_delta_rule, kda, delta_product) shares what this module
-defines besides the forms: the input maps (``prepare`` / ``pull_back``: the l2 norm of q and k,
-the activation of beta) and the loop on mapped inputs (``recurrence``, ``recurrence_step``,
-``recurrence_vjp``); delta_rule is this loop with g = 0. The UT/WY chunk machinery of the
-parallel and chunkwise forms is ``linrec_ref._delta``.
+The delta family (delta_rule, gated_delta_rule, kda, delta_product) shares the input maps
+defined here (``prepare`` / ``pull_back``: the l2 norm of q and k, the activation of beta).
+The loop on mapped inputs (``recurrence``, ``recurrence_step``, ``recurrence_vjp``) is also
+delta_rule's, run with g = 0; kda keeps a loop of its own (so that their identity compares two
+independent loops), and delta_product's quadratic forms run this op's forms on its expanded
+sequence of sub-steps. The UT/WY chunk machinery of the parallel and chunkwise forms is
+``linrec_ref._delta``.
 
 Forms (the quadratic and chunkwise forms derived in ``linrec_ref._delta`` from the recurrence)
     recurrent  the loop above (ground truth); O(K V) memory per head.
