@@ -193,3 +193,156 @@ def test_unknown_backend_and_form():
         linrec_ref.simple_gla(**x, form="fused")
     with pytest.raises(KeyError, match=r"unknown op 'gla2'"):
         registry.spec("gla2")
+
+
+# ----------------------------------------------------------------------------- dtypes seen
+@pytest.mark.parametrize("op", OPS)
+def test_mixed_dtypes_blame_the_argument_that_differs_from_the_majority(op):
+    x = _inputs(op)
+    given = [a.name for a in registry.spec(op).inputs if x.get(a.name) is not None]
+    if len(given) < 3:
+        pytest.skip("two inputs: a tie, covered by test_unsupported_and_mixed_dtypes")
+    first = given[0]                                               # q (r, x, u) of the op
+    odd = x[first].astype(np.complex64 if np.iscomplexobj(x[first]) else np.float32)
+    seen = ", ".join(f"{n}: {(odd if n == first else x[n]).dtype}" for n in given)
+    with pytest.raises(InputError, match=rf"argument '{first}' has dtype {odd.dtype}, but the other "
+                                         rf"inputs are float64.*dtypes seen: {seen}\)"):
+        registry.form(op, "chunkwise")(**dict(x, **{first: odd}))
+
+
+# ----------------------------------------------------------------------------- array subclasses
+def _masked(a):
+    mask = np.zeros(a.shape, dtype=bool)
+    mask.reshape(-1)[:1] = True
+    return np.ma.masked_array(a, mask=mask)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_masked_arrays_are_rejected_naming_the_argument(op):
+    x = _inputs(op, initial_state=True)
+    for a in registry.spec(op).inputs:
+        if x.get(a.name) is None:
+            continue
+        with pytest.raises(TypeError, match=rf"{op}: argument '{a.name}' is a numpy.ma.MaskedArray "
+                                            rf"\(its mask would be ignored\)"):
+            registry.form(op, "chunkwise")(**dict(x, **{a.name: _masked(x[a.name])}))
+    h0 = x["initial_state"]
+    bad = (_masked(h0[0]),) + h0[1:] if isinstance(h0, tuple) else _masked(h0)
+    with pytest.raises(TypeError, match=r"argument 'initial_state(\.\w+)?' is a numpy.ma.MaskedArray"):
+        registry.form(op, "recurrent")(**dict(x, initial_state=bad))
+
+
+@pytest.mark.filterwarnings("ignore::PendingDeprecationWarning")  # np.matrix itself warns
+@pytest.mark.parametrize("op", [op for op in OPS
+                                if any(len(a.dims) == 2 for a in registry.spec(op).inputs)])
+def test_numpy_matrix_is_rejected_naming_the_argument(op):
+    x = _inputs(op)
+    a = next(a for a in registry.spec(op).inputs if len(a.dims) == 2 and x.get(a.name) is not None)
+    with pytest.raises(TypeError, match=rf"{op}: argument '{a.name}' is a numpy.matrix"):
+        registry.form(op, "recurrent")(**dict(x, **{a.name: np.asmatrix(x[a.name])}))
+
+
+def _as_memmap(a, path):
+    m = np.memmap(path, dtype=a.dtype, mode="w+", shape=a.shape)
+    m[...] = a
+    return m
+
+
+def _read_only(a):
+    a = a.copy()
+    a.flags.writeable = False
+    return a
+
+
+def _strided(a):
+    """The same values in a non-contiguous view (every other entry of a doubled last axis)."""
+    return np.repeat(a, 2, axis=-1)[..., ::2]
+
+
+@pytest.mark.parametrize("kind", ["view", "memmap", "read_only", "strided"])
+@pytest.mark.parametrize("op", OPS)
+def test_views_memmaps_read_only_and_strided_inputs_work(op, kind, tmp_path):
+    x = _inputs(op, initial_state=True)
+    counter = iter(range(1000))
+    convert = {"view": lambda a: a[...],
+               "memmap": lambda a: _as_memmap(a, tmp_path / f"{next(counter)}.dat"),
+               "read_only": _read_only, "strided": _strided}[kind]
+    arrays = {k: (tuple(convert(p) for p in v) if isinstance(v, tuple) else convert(v))
+              for k, v in x.items() if isinstance(v, (np.ndarray, tuple))}
+    if kind == "strided":
+        assert not all(p.flags.c_contiguous for _, p in testing.leaves(arrays) if p.ndim and p.size > 1)
+    y = dict(x, **arrays)
+    for form in ("recurrent", "chunkwise"):
+        o, ht = registry.form(op, form)(**y, output_final_state=True)
+        o_ref, ht_ref = registry.form(op, form)(**x, output_final_state=True)
+        assert type(o) is np.ndarray
+        testing.assert_close((o, ht), (o_ref, ht_ref))
+        do = np.ones_like(o_ref)
+        grads = registry.form(op, f"{form}_vjp")(**y, do=do)
+        testing.assert_close(grads, registry.form(op, f"{form}_vjp")(**x, do=do))
+
+
+# ----------------------------------------------------------------------------- boolean options
+def test_output_final_state_takes_bool_only():
+    x = _inputs()
+    with pytest.raises(TypeError, match=r"simple_gla: argument 'output_final_state' must be True or "
+                                        r"False, got 'no' \(str\)"):
+        simple_gla.recurrent(**x, output_final_state="no")
+    with pytest.raises(TypeError, match=r"'output_final_state' must be True or False, got 1 \(int\)"):
+        simple_gla.chunkwise(**x, output_final_state=1)
+    assert simple_gla.recurrent(**x, output_final_state=np.bool_(False))[1] is None
+    assert simple_gla.recurrent(**x, output_final_state=np.bool_(True))[1] is not None
+
+
+@pytest.mark.parametrize("op", [op for op in OPS
+                                if any(isinstance(d, bool) for d in registry.spec(op).options.values())])
+def test_boolean_op_options_take_bool_only(op):
+    spec = registry.spec(op)
+    x = _inputs(op)
+    for name, default in spec.options.items():
+        if not isinstance(default, bool):
+            continue
+        with pytest.raises(TypeError, match=rf"{op}: argument '{name}' must be True or False, "
+                                            rf"got 'yes' \(str\)"):
+            registry.form(op, "recurrent")(**dict(x, **{name: "yes"}))
+        o, _ = registry.form(op, "recurrent")(**dict(x, **{name: np.bool_(x.get(name, default))}))
+        o_ref, _ = registry.form(op, "recurrent")(**x)
+        testing.assert_close(o, o_ref)
+
+
+# ----------------------------------------------------------------------------- tuple states
+def test_tuple_state_of_the_wrong_length_says_the_lengths():
+    x = _inputs("mlstm", initial_state=True)
+    C, n, m = x["initial_state"]
+    with pytest.raises(TypeError, match=r"mlstm: argument 'initial_state' must be a tuple of 3 arrays "
+                                        r"\(C: \[N, H, K, V\], n: \[N, H, K\], m: \[N, H\]\), got a "
+                                        r"tuple of 2"):
+        linrec_ref.mlstm(**dict(x, initial_state=(C, n)))
+    with pytest.raises(TypeError, match=r"must be a tuple of 3 arrays .*, got a ndarray"):
+        linrec_ref.mlstm(**dict(x, initial_state=C))
+    o, ht = linrec_ref.mlstm(**x, output_final_state=True)
+    with pytest.raises(TypeError, match=r"argument 'dht' must be a tuple of 3 arrays .*, got a tuple of 4"):
+        linrec_ref.mlstm.vjp(**x, do=o, dht=ht + (m,))
+
+
+# ----------------------------------------------------------------------------- top-level API
+def test_backend_none_is_the_default_backend():
+    x = _inputs()
+    o, ht = linrec_ref.simple_gla(**x, backend=None, output_final_state=True)
+    testing.assert_close((o, ht), linrec_ref.simple_gla(**x, backend="numpy", output_final_state=True))
+    grads = linrec_ref.simple_gla.vjp(**x, do=o, backend=None)
+    testing.assert_close(grads, linrec_ref.simple_gla.vjp(**x, do=o))
+    token = {k: v[:, 0] for k, v in x.items()}
+    testing.assert_close(linrec_ref.simple_gla.step(**token, backend=None),
+                         linrec_ref.simple_gla.step(**token, backend="numpy"))
+    M = linrec_ref.simple_gla.attention_matrix(x["q"], x["k"], x["g"], backend=None)
+    testing.assert_close(M, linrec_ref.simple_gla.attention_matrix(x["q"], x["k"], x["g"]))
+
+
+def test_import_makes_every_op_module_reachable():
+    import subprocess
+    import sys
+    code = ("import linrec_ref; "
+            "print(all(callable(getattr(linrec_ref.ops, n).recurrent) for n in linrec_ref.registry.OP_NAMES))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
