@@ -35,6 +35,8 @@ start states' letters (used by the distractor rule of expand.py); ``next_state[e
 from __future__ import annotations
 
 import random
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -155,6 +157,44 @@ def validate_grammar_params(n_letters, n_amb, depth, tau, n_start, max_tries) ->
     _int("max_tries", max_tries, 1)
     if tau is not None and not (np.isfinite(tau) and tau > 0):
         raise ValueError(f"make_grammar: tau (edge density) must be a finite number > 0 or None, got {tau!r}")
+    _check_density(n_letters, n_amb, depth, tau, max_tries)
+
+
+# A search whose chance of finding a valid grammar is provably below this is refused up front.
+HOPELESS = 1e-9
+
+
+def log10_valid_chance(n_letters: int, n_amb: int, depth: int, tau: float) -> float:
+    """log10 of an upper bound on the chance that one construction try gives a valid grammar.
+
+    A valid grammar needs every state besides '#' to reach '#', so at least one out-edge each.
+    Source i gets an edge for symbol a with probability min(1, |cand_a| tau), independently per
+    (i, a); |cand_a| is depth for an ambiguous letter and 1 for a plain letter or '#'. So
+
+        P(state i has no out-edge) = (1 - min(1, tau))^(n_letters - n_amb + 1) (1 - min(1, depth tau))^n_amb
+        P(valid) <= (1 - P(no out-edge))^(n_states - 1)
+    """
+    log_none = ((n_letters - n_amb + 1) * np.log1p(-min(1.0, tau))
+                + n_amb * np.log1p(-min(1.0, depth * tau)))
+    with np.errstate(divide="ignore"):
+        log_some = np.log(-np.expm1(log_none))                  # log P(state i has an out-edge)
+    n_states = n_letters - n_amb + n_amb * depth + 1
+    return float((n_states - 1) * log_some / np.log(10))
+
+
+def _check_density(n_letters, n_amb, depth, tau, max_tries) -> None:
+    """Refuses a tau too small for any of max_tries tries to succeed (a search that would otherwise
+    run for minutes before failing)."""
+    tau = DEFAULT_DENSITY / depth if tau is None else float(tau)
+    log10_try = log10_valid_chance(n_letters, n_amb, depth, tau)
+    log10_all = log10_try + np.log10(max_tries)                 # union bound over the tries
+    if log10_all < np.log10(HOPELESS):
+        log10_try, log10_all = max(log10_try, -1e9), max(log10_all, -1e9)   # printable if -inf
+        raise ValueError(
+            f"make_grammar: tau={tau:.4g} is too small for n_letters={n_letters}, n_amb={n_amb}, "
+            f"depth={depth}: every state needs an out-edge, which one try achieves with probability "
+            f"<= 1e{log10_try:.0f} (<= 1e{log10_all:.0f} in max_tries={max_tries} tries); "
+            f"raise tau (the default is {DEFAULT_DENSITY} / depth = {DEFAULT_DENSITY / depth:.4g})")
 
 
 def _state_names(letters: List[str], ambiguous: List[str], depth: int) -> List[str]:
@@ -231,7 +271,11 @@ def make_grammar(n_letters: int, n_amb: int, depth: int, seed: int, tau: Optiona
     G = np.random.default_rng(int(seed))
     py = random.Random(int(G.integers(0, 100)))
     letters = list(ALPHABET[:n_letters])
+    started, warned = time.perf_counter(), False
     for attempt in range(1, max_tries + 1):
+        if not warned and time.perf_counter() - started > SLOW_SEARCH_S:
+            warned = True
+            _warn_slow_search(attempt - 1, max_tries, time.perf_counter() - started, tau, depth)
         ambiguous = py.sample(letters, n_amb)
         states = _state_names(letters, ambiguous, depth)
         alphabet = letters + [END]
@@ -248,6 +292,18 @@ def make_grammar(n_letters: int, n_amb: int, depth: int, seed: int, tau: Optiona
         f"make_grammar: no valid grammar (every state reaching '#', '#' not a start state) within "
         f"max_tries = {max_tries} tries for n_letters={n_letters}, n_amb={n_amb}, depth={depth}, "
         f"tau={tau}, seed={seed}; raise max_tries or tau")
+
+
+SLOW_SEARCH_S = 10.0   # a search still running after this long says so (once), with an estimate
+
+
+def _warn_slow_search(tries: int, max_tries: int, elapsed: float, tau: float, depth: int) -> None:
+    remaining = elapsed / max(tries, 1) * (max_tries - tries)
+    warnings.warn(
+        f"make_grammar: no valid grammar in {tries} of max_tries={max_tries} tries ({elapsed:.0f} s); "
+        f"up to {remaining:.0f} s more before giving up. tau={tau:.4g} is sparse (the default is "
+        f"{DEFAULT_DENSITY} / depth = {DEFAULT_DENSITY / depth:.4g}): raise tau or lower max_tries",
+        RuntimeWarning, stacklevel=3)
 
 
 def _assemble(n_letters, n_amb, depth, tau, seed, n_start, n_tries, alphabet, ambiguous, states,

@@ -40,7 +40,7 @@ from typing import Dict, Iterator, Optional, Tuple, Union
 import numpy as np
 
 from .expand import Sample, check_regime, expand, expansion_rng
-from .grammar import Grammar, make_grammar, validate_grammar_params
+from .grammar import MAX_LETTERS, Grammar, make_grammar, validate_grammar_params
 from .sequences import sample_sequence
 
 TEST_OFFSET = 10 ** 9
@@ -115,6 +115,20 @@ def _check_split(split: str) -> None:
         raise ValueError(f"selectivbench: split must be one of {SPLITS}, got {split!r}")
 
 
+def check_int(where: str, name: str, value, low: int) -> None:
+    """ValueError ``where: name must be an integer >= low, got value`` unless value is such an integer."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        raise ValueError(f"{where}: {name} must be an integer >= {low}, got {value!r}")
+
+
+def check_seed(where: str, seed) -> None:
+    """A run seed is an integer >= 1: sample idx draws from default_rng(seed * idx), so seed 0
+    would give every sample the same generator."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 1:
+        raise ValueError(f"{where}: seed must be an integer >= 1 (seed 0 gives default_rng(0) for every "
+                         f"sample), got {seed!r}")
+
+
 def validate_config(c: TaskConfig) -> TaskConfig:
     """Checks every field (ValueError naming it); returns the config."""
     validate_grammar_params(c.n_letters, c.n_amb, c.depth, c.tau, c.n_start, c.max_tries)
@@ -177,6 +191,7 @@ def get_preset(name: Union[str, TaskConfig], **overrides) -> TaskConfig:
     fields, regimes = {}, {"train": {}, "test": {}}
     for key, value in overrides.items():
         if key == "amb":
+            _check_amb(config, value, overrides.get("n_start", config.n_start))
             fields.update(n_letters=value, n_amb=value, depth=value)
         elif key == "test_gap":
             regimes["test"]["gap_fixed"] = value
@@ -197,22 +212,61 @@ def get_preset(name: Union[str, TaskConfig], **overrides) -> TaskConfig:
     return validate_config(dataclasses.replace(config, **fields))
 
 
+def _check_amb(config: TaskConfig, amb, n_start) -> None:
+    """``amb=N`` sets n_letters = n_amb = depth = N: N * N states besides '#', which must hold the
+    n_start start states. Errors name ``amb``, the argument the caller set."""
+    where = f"get_preset({config.name!r})"
+    check_int(where, "amb", amb, 1)
+    if amb > MAX_LETTERS:
+        raise ValueError(f"{where}: amb must be <= {MAX_LETTERS} (letters A-Z, a-z), got {amb}")
+    if isinstance(n_start, (int, np.integer)) and not isinstance(n_start, bool) and amb * amb < n_start:
+        smallest = int(np.ceil(np.sqrt(n_start)))
+        raise ValueError(f"{where}: amb={amb} gives {amb * amb} state(s) besides '#', fewer than the "
+                         f"{n_start} start states (n_start); use amb >= {smallest} or set n_start <= {amb * amb}")
+
+
+def _max_item(config: TaskConfig, split: str, overlap_compat: bool) -> int:
+    """One past the last valid item of ``split``: training items stay below test_offset (so the
+    splits stay disjoint); every index must fit an int64."""
+    if overlap_compat:
+        return np.iinfo(np.int64).max
+    if split == "train":
+        return config.test_offset
+    return np.iinfo(np.int64).max - config.test_offset
+
+
 def sample_indices(config: TaskConfig, split: str, n: int, overlap_compat: bool = False,
                    start: int = 0) -> np.ndarray:
     """The sample indices of items start..start+n-1 of ``split`` (see the module docstring)."""
     _check_split(split)
-    for nm, v in (("n", n), ("start", start)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"sample_indices: {nm} must be an integer >= 0, got {v!r}")
-    items = np.arange(start, start + n, dtype=np.int64)
+    check_int("sample_indices", "n", n, 0)
+    check_int("sample_indices", "start", start, 0)
+    if start + n > _max_item(config, split, overlap_compat):
+        if split == "train" and not overlap_compat:
+            raise ValueError(f"sample_indices: training items must stay below test_offset = "
+                             f"{config.test_offset} to keep the splits disjoint, got start + n = {start + n}")
+        raise ValueError(f"sample_indices: start + n = {start + n} overflows the int64 sample indices")
+    items = np.arange(start, start + n, dtype=np.int64)              # [n]
     if overlap_compat:
         return items                                   # released code: idx 0..n-1 in both splits
     if split == "train":
-        if start + n > config.test_offset:
-            raise ValueError(f"sample_indices: training items must stay below test_offset = "
-                             f"{config.test_offset} to keep the splits disjoint, got start + n = {start + n}")
         return items + 1
     return items + config.test_offset + 1
+
+
+def sample_index(config: TaskConfig, split: str, item: int, overlap_compat: bool = False) -> int:
+    """The sample index of item ``item`` of ``split``: ``sample_indices(config, split, 1,
+    overlap_compat, start=item)[0]`` without building any array, with the range checked first."""
+    _check_split(split)
+    check_int("sample_index", "item", item, 0)
+    limit = _max_item(config, split, overlap_compat)
+    if item >= limit:
+        raise ValueError(f"sample_index: item must be < {limit} for the {split} split"
+                         + (" (training items stay below test_offset)" if split == "train" and not overlap_compat
+                            else "") + f", got {item}")
+    if overlap_compat:
+        return int(item)
+    return int(item) + 1 + (0 if split == "train" else config.test_offset)
 
 
 def make_sample(config: TaskConfig, seed: int, idx: int, split: str = "train", epoch: int = 0,
@@ -233,6 +287,8 @@ def dataset(preset: Union[str, TaskConfig], split: str = "train", n: int = 1000,
     Arguments are checked (and the grammar built) at the call, not at the first sample.
     """
     config = get_preset(preset)
+    check_seed("dataset", seed)
+    check_int("dataset", "epoch", epoch, 0)
     indices = sample_indices(config, split, n, overlap_compat, start)
     grammar = config.grammar(seed)
 
