@@ -1,13 +1,21 @@
 """The ``linrec`` command line.
 
-    linrec ops                         the catalogue: family, transition class, forms, peers
-    linrec check [--op NAME ...] [--dtype float32|float64|all] [--full] [--verbose]
-                                       the equivalence matrix; exits 1 on any failure
+    linrec ops [-v] [--markdown]       the catalogue: family, transition class, forms (-v: math,
+                                       inputs, state, options, peers); fits 100 columns
+    linrec check [--op NAME ...] [--dtype float32|float64|all] [--full] [--full-table] [-v]
+                                       the equivalence matrix: a summary per op, dtype and kind of
+                                       comparison (--full-table: per value, with tolerances and the
+                                       worst case), the total on the last line; exits 1 on any failure
+    linrec selectivbench ...           SelectivBench (linrec_ref.tasks.cli)
+
+Output piped into a reader that stops early (``linrec check | head -1``) ends quietly.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 import time
 from typing import List, Optional, Sequence
 
@@ -35,10 +43,22 @@ def _progress_bar(stream=sys.stderr):
     return update
 
 
-def _table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
-    widths = [max(len(str(r[i])) for r in list(rows) + [header]) for i in range(len(header))]
+def _wrap(text: str, width: int) -> List[str]:
+    return textwrap.wrap(text, width, break_on_hyphens=False, break_long_words=False) or [""]
+
+
+def _table(rows: Sequence[Sequence[str]], header: Sequence[str], wrap: Optional[dict] = None) -> str:
+    """A plain-text table; ``wrap`` = {column index: width} wraps those columns' cells at words."""
+    wrap = wrap or {}
+    cells = [[_wrap(str(c), wrap[i]) if i in wrap else [str(c)] for i, c in enumerate(r)]
+             for r in rows]                                    # [row][column] -> lines of the cell
+    widths = [max([len(h)] + [len(line) for r in cells for line in r[i]]) for i, h in enumerate(header)]
     fmt = lambda r: "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip()
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows])
+    lines = [fmt(header), fmt(["-" * w for w in widths])]
+    for r in cells:
+        height = max(len(c) for c in r)
+        lines += [fmt([c[k] if k < len(c) else "" for c in r]) for k in range(height)]
+    return "\n".join(lines)
 
 
 def _markdown(rows) -> str:
@@ -69,13 +89,23 @@ def cmd_ops(args) -> int:
             print(f"    forms:   {', '.join(r['forms'])}")
             print(f"    peers:   {'; '.join(r['peers'])}")
         return 0
-    table = [(r["name"], r["family"][:44], r["transition"], ", ".join(r["forms"]),
-              r["peers"][0] + (f" (+{len(r['peers']) - 1})" if len(r["peers"]) > 1 else ""))
-             for r in rows]
-    print(_table(table, ("op", "family", "transition", "forms", "peers (linrec ops -v lists all)")))
+    # the forms most ops have are named once under the table; a row lists only how it differs,
+    # so that the table fits 100 columns (the peers are long: linrec ops -v)
+    common = [f for f in dict.fromkeys(f for r in rows for f in r["forms"])
+              if sum(f in r["forms"] for r in rows) * 2 > len(rows)]
+
+    def forms_cell(forms) -> str:
+        missing = [f for f in common if f not in forms]
+        extra = [f for f in forms if f not in common]
+        return ", ".join([f"no {f}" for f in missing] + [f"+{f}" for f in extra]) or "all"
+
+    table = [(r["name"], r["family"], r["transition"], forms_cell(r["forms"])) for r in rows]
+    print(_table(table, ("op", "family", "transition", "forms"), wrap={1: 36, 2: 22, 3: 19}))
+    print(f"\nforms: all = {', '.join(common)}")
+    print("linrec ops -v: the math, inputs, state, options, forms and peer implementations of each op")
     missing = sorted(set(registry.OP_NAMES) - set(registry.available()))
     if missing:
-        print(f"\nnot yet implemented: {', '.join(missing)}")
+        print(f"not yet implemented: {', '.join(missing)}")
     return 0
 
 
@@ -87,18 +117,24 @@ def cmd_check(args) -> int:
     t0 = time.perf_counter()
     rows = check.run(ops, dtypes, full=args.full, progress=_progress_bar())
     elapsed = time.perf_counter() - t0
-    if args.compact:
+    if args.full_table or args.verbose:
+        _print_detailed(rows)
+    else:
         table = [(s["op"], s["dtype"], s["check"], str(s["n"]), f"{s['max_rel']:.2e}",
                   "ok" if s["failed"] == 0 else f"FAIL ({s['failed']})") for s in check.summarize_compact(rows)]
         print(_table(table, ("op", "dtype", "comparison", "cases", "max rel err", "status")))
-    else:
-        _print_detailed(rows)
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows)} comparisons, {len(failed)} failed, {elapsed:.1f}s "
-          f"(max rel err = max|a-ref| / max|ref|; pass rule |a-ref| <= rtol|ref| + atol max|ref|)")
-    if args.verbose or failed:
-        for r in failed[:50]:
-            print(f"FAIL {r.op}/{r.variant} {r.regime} {r.dtype} T={r.T} C={r.chunk}: {r.check}: {r.result}")
+    shown = failed if args.verbose else failed[:50]
+    if failed:
+        print()
+    for r in shown:
+        print(f"FAIL {r.op}/{r.variant} {r.regime} {r.dtype} T={r.T} C={r.chunk}: {r.check}: {r.result}")
+    if len(shown) < len(failed):
+        print(f"... {len(failed) - len(shown)} more failures (linrec check -v lists all)")
+    # the last two lines carry the verdict (CI shows `linrec check | tail -n 3`)
+    print("\nmax rel err = max|a-ref|/max|ref|; pass: |a-ref| <= rtol|ref| + atol max|ref|"
+          + ("" if args.full_table or args.verbose else "; per value: --full-table"))
+    print(f"{len(rows)} comparisons, {len(failed)} failed, {elapsed:.1f}s: {'FAILED' if failed else 'all passed'}")
     return 1 if failed else 0
 
 
@@ -123,8 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--op", action="append", help="op name (repeatable); default: every op")
     chk.add_argument("--dtype", choices=("float64", "float32", "all"), default="float64")
     chk.add_argument("--full", action="store_true", help="the full sweep of numerics.md (T up to 257)")
-    chk.add_argument("--compact", action="store_true", help="one row per op, dtype and kind of comparison")
-    chk.add_argument("-v", "--verbose", action="store_true")
+    chk.add_argument("--full-table", action="store_true",
+                     help="one row per op, dtype, value and comparison, with tolerances and the worst case "
+                          "(default: one row per op, dtype and kind of comparison)")
+    chk.add_argument("--compact", action="store_true", help="the default summary table (kept as an alias)")
+    chk.add_argument("-v", "--verbose", action="store_true", help="--full-table, and every failure")
     chk.set_defaults(func=cmd_check)
     _register_tasks(sub)
     return p
@@ -138,10 +177,21 @@ def _register_tasks(sub) -> None:
         tasks_cli.register(sub)
 
 
+EXIT_BROKEN_PIPE = 141   # 128 + SIGPIPE: what a shell reports for a writer its reader left
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()                # a closed pipe shows here, not in the interpreter's exit
+        return status
+    except BrokenPipeError:
+        # the reader stopped early (`linrec check | head -1`): end quietly. stdout goes to devnull so
+        # that the interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyError as e:
         print(f"linrec: {e.args[0]}", file=sys.stderr)
         return 2

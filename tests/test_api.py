@@ -60,7 +60,7 @@ def test_cli_ops_and_check(capsys):
     assert cli.main(["ops"]) == 0
     out = capsys.readouterr().out
     assert "simple_gla" in out and "scalar decay" in out
-    assert cli.main(["check", "--op", "simple_gla", "--dtype", "float32"]) == 0
+    assert cli.main(["check", "--op", "simple_gla", "--dtype", "float32", "--full-table"]) == 0
     out = capsys.readouterr().out
     assert "chunkwise vs recurrent(f64)" in out and "0 failed" in out
     assert cli.main(["check", "--op", "nonexistent"]) == 2

@@ -4,7 +4,10 @@
     linrec selectivbench generate --preset NAME --n N --out DIR [--seed S] [--split train|test]
                                   [--amb N] [--epoch E] [--shard-size K] [--overlap-compat]
     linrec selectivbench plot --preset NAME --out FILE.png [--amb N] [--seed S] [--idx I]
-                              [--split train|test]      (needs matplotlib)
+                              [--split train|test] [--epoch E]     (needs matplotlib)
+
+Every argument is checked before anything is printed or created: a bad one prints one line on
+stderr and exits with status 2.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import sys
 import numpy as np
 
 from . import presets, storage
+from .presets import check_int
 from .sequences import sample_string
 
 
@@ -44,6 +48,9 @@ def cmd_describe(args) -> int:
 
 def _describe(args) -> int:
     config = _config(args)
+    presets.check_seed("describe", args.seed)
+    check_int("describe", "--n-train", args.n_train, 1)
+    check_int("describe", "--n-test", args.n_test, 1)
     g = config.grammar(args.seed)
     d = g.describe()
     stats = string_stats(g, config, args.seed)
@@ -105,13 +112,21 @@ def _plot(args) -> int:
         print(f"linrec selectivbench: {err}", file=sys.stderr)
         return 2
     config = _config(args)
+    presets.check_seed("plot", args.seed)
+    check_int("plot", "--epoch", args.epoch, 0)
+    plot.image_format(args.out)
+    check_int("plot", "--idx", args.idx, 0)
+    if args.idx >= presets.max_items(config, args.split):
+        raise ValueError(f"plot: --idx must be < {presets.max_items(config, args.split)} for the {args.split} "
+                         f"split, got {args.idx}")
+    index = presets.sample_index(config, args.split, args.idx)     # the index generate gives item idx
     grammar = config.grammar(args.seed)
-    index = presets.sample_indices(config, args.split, args.idx + 1)[-1]
-    sample = presets.make_sample(config, args.seed, index, split=args.split, grammar=grammar)
+    sample = presets.make_sample(config, args.seed, index, split=args.split, epoch=args.epoch, grammar=grammar)
     fig = plt.figure(figsize=(11, 9))
     plot.plot_grammar(grammar, fig.add_subplot(2, 1, 1))
     plot.plot_sample(sample, grammar, fig.add_subplot(2, 1, 2))
-    fig.suptitle(f"SelectivBench {config.name}, seed {args.seed}, {args.split} sample {args.idx}")
+    fig.suptitle(f"SelectivBench {config.name}, seed {args.seed}, {args.split} sample {args.idx}"
+                 + (f", epoch {args.epoch}" if args.epoch else ""))
     print(plot.save(fig, args.out))
     return 0
 
@@ -145,7 +160,9 @@ def register(subparsers) -> None:
 
     pl = sub.add_parser("plot", help="picture of the grammar and of one sample (needs matplotlib)")
     common(pl)
-    pl.add_argument("--out", required=True, help="image file (.png, .pdf, .svg)")
-    pl.add_argument("--idx", type=int, default=0, help="which item of the split")
+    pl.add_argument("--out", required=True, help="image file (.png, .pdf, .svg, ...; PNG without an extension)")
+    pl.add_argument("--idx", type=int, default=0,
+                    help="which item of the split (0-based, as generate numbers them; train: < 10^9)")
     pl.add_argument("--split", choices=presets.SPLITS, default="train")
+    pl.add_argument("--epoch", type=int, default=0, help="the expansion epoch (as in generate)")
     pl.set_defaults(func=cmd_plot)

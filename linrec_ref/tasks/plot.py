@@ -6,7 +6,8 @@ rest of the package never imports it.
                             ambiguous letter sit next to each other; start states marked.
     plot_sample(sample)     one expanded sample over time: the input steps (one-hot letters; blank
                             steps empty; distractor steps marked), and the label every step carries.
-    save(fig, path)         write a figure atomically (temp file + os.replace).
+    save(fig, path)         write a figure atomically (temp file + os.replace); the format follows
+                            the extension, PNG when there is none (``image_format``).
 
 ``linrec selectivbench plot --preset NAME --out FILE.png`` draws both for one sample.
 """
@@ -91,14 +92,40 @@ def plot_sample(sample: Sample, grammar: Optional[Grammar] = None, ax=None, max_
     return ax
 
 
-def save(fig, path) -> Path:
-    """Save a figure atomically; the format follows the file's extension."""
+def image_format(path) -> str:
+    """The image format for ``path``: its extension (one matplotlib can write), or "png" when it has
+    none. ValueError, before anything is drawn or created, for an unknown extension, a folder, or a
+    parent path that is a file."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"plot: the output must be an image file, but {path} is a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"plot: cannot write {path}: {parent} is a file")
+            break
+    if not path.suffix:
+        return "png"
+    supported = sorted(FigureCanvasBase.get_supported_filetypes())
+    fmt = path.suffix[1:].lower()
+    if fmt not in supported:
+        raise ValueError(f"plot: unknown image format {path.suffix!r} of {path}; matplotlib writes "
+                         f"{', '.join('.' + f for f in supported)} (no extension: PNG)")
+    return fmt
+
+
+def save(fig, path) -> Path:
+    """Save a figure atomically; the format follows the file's extension (PNG when it has none)."""
+    path = Path(path)
+    fmt = image_format(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    # the temporary file's name ends in ".tmp": the format is passed, never guessed from the name
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:

@@ -225,7 +225,7 @@ def _check_amb(config: TaskConfig, amb, n_start) -> None:
                          f"{n_start} start states (n_start); use amb >= {smallest} or set n_start <= {amb * amb}")
 
 
-def _max_item(config: TaskConfig, split: str, overlap_compat: bool) -> int:
+def max_items(config: TaskConfig, split: str, overlap_compat: bool = False) -> int:
     """One past the last valid item of ``split``: training items stay below test_offset (so the
     splits stay disjoint); every index must fit an int64."""
     if overlap_compat:
@@ -241,7 +241,7 @@ def sample_indices(config: TaskConfig, split: str, n: int, overlap_compat: bool 
     _check_split(split)
     check_int("sample_indices", "n", n, 0)
     check_int("sample_indices", "start", start, 0)
-    if start + n > _max_item(config, split, overlap_compat):
+    if start + n > max_items(config, split, overlap_compat):
         if split == "train" and not overlap_compat:
             raise ValueError(f"sample_indices: training items must stay below test_offset = "
                              f"{config.test_offset} to keep the splits disjoint, got start + n = {start + n}")
@@ -259,7 +259,7 @@ def sample_index(config: TaskConfig, split: str, item: int, overlap_compat: bool
     overlap_compat, start=item)[0]`` without building any array, with the range checked first."""
     _check_split(split)
     check_int("sample_index", "item", item, 0)
-    limit = _max_item(config, split, overlap_compat)
+    limit = max_items(config, split, overlap_compat)
     if item >= limit:
         raise ValueError(f"sample_index: item must be < {limit} for the {split} split"
                          + (" (training items stay below test_offset)" if split == "train" and not overlap_compat

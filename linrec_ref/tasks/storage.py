@@ -10,12 +10,20 @@ same folder and moved into place with os.replace, so a reader never sees a half-
 ``generate`` writes a dataset as a folder of shards (``shard-00000.npz`` + ``.json``, ...) and a
 final ``dataset.json``; an interrupted run keeps its finished shards, and running it again
 resumes at the first missing shard. ``load`` reads a single file or such a folder.
+
+Temporary files are named ``.NAME.pid<PID>@<host>.<random>.tmp``. A run killed outright (SIGKILL,
+power loss) cannot remove its own; the next ``generate`` over the folder removes those whose writer
+is gone: written on this host by a process id that is no longer running, or (names without a
+process id, or written on another host) not modified for ``STALE_TEMP_AGE_S`` (a day). Temporary
+files of a live writer are never touched.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
+import socket
 import sys
 import tempfile
 import time
@@ -25,7 +33,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .expand import Sample
-from .presets import TaskConfig, dataset, get_preset
+from .presets import TaskConfig, check_int, check_seed, dataset, get_preset, max_items
 
 FORMAT = "linrec_ref.selectivbench/1"
 _ARRAYS = ("step_class", "y", "element", "is_token", "after_distractor")
@@ -55,9 +63,65 @@ def _file_mode() -> int:
 _FILE_MODE = _file_mode()
 
 
+STALE_TEMP_AGE_S = 24 * 3600
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.pid(?P<pid>\d+)@(?P<host>[A-Za-z0-9_-]*)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())
+
+
+def _temp_prefix(path: Path) -> str:
+    """``.NAME.pid<PID>@<host>.``: who writes the temporary file (see the module docstring)."""
+    return f".{path.name}.pid{os.getpid()}@{_host()}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)                       # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:                   # exists, owned by another user
+        return True
+    return True
+
+
+def remove_stale_temps(folder: Union[str, Path], max_age_s: float = STALE_TEMP_AGE_S) -> List[Path]:
+    """Removes the temporary files (``.*.tmp``) in ``folder`` whose writer is gone; returns them.
+
+    Stale: written on this host by a process that is no longer running (POSIX), or not modified
+    for ``max_age_s`` seconds (a name without a process id, another host's, or not POSIX). A
+    process id reused by a new process keeps its file until it is old enough.
+    """
+    removed = []
+    now, host = time.time(), _host()
+    for tmp in Path(folder).glob(".*.tmp"):
+        match = _TEMP_NAME.match(tmp.name)
+        try:
+            if match and match["host"] == host and os.name == "posix":
+                stale = not _process_alive(int(match["pid"]))
+            else:
+                stale = now - tmp.stat().st_mtime > max_age_s
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:             # its writer finished (os.replace) meanwhile
+            continue
+    return removed
+
+
+def _check_folder(where: str, folder: Path) -> None:
+    """A clear error before anything is created when ``folder`` or one of its parents is a file."""
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise ValueError(f"{where}: out_dir must be a folder, but {p} is a file")
+            return
+
+
 def _atomic_write(path: Path, write) -> None:
     """Calls write(file object) on a temporary file in path's folder, then os.replace."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
@@ -111,6 +175,7 @@ def save(path_dir: Union[str, Path], samples: Sequence[Sample], config: TaskConf
     """Writes ``samples`` to path_dir/NAME.npz and NAME.json (atomically); returns the .npz path."""
     samples = list(samples)
     folder = Path(path_dir)
+    _check_folder("save", folder)
     folder.mkdir(parents=True, exist_ok=True)
     name = name or dataset_name(config, split, len(samples), seed, epoch, overlap_compat)
     meta = _params(config, split, len(samples), seed, epoch, overlap_compat)
@@ -158,19 +223,39 @@ def _progress(stream=sys.stderr):
     return update
 
 
+def _check_generate_args(config: TaskConfig, n, seed, split, epoch, overlap_compat, shard_size) -> None:
+    check_int("generate", "n", n, 1)
+    check_seed("generate", seed)
+    if split not in ("train", "test"):
+        raise ValueError(f"generate: split must be 'train' or 'test', got {split!r}")
+    check_int("generate", "epoch", epoch, 0)
+    if not isinstance(overlap_compat, (bool, np.bool_)):
+        raise ValueError(f"generate: overlap_compat must be a bool, got {overlap_compat!r}")
+    check_int("generate", "shard_size", shard_size, 1)
+    limit = max_items(config, split, overlap_compat)
+    if n > limit:
+        raise ValueError(f"generate: n must be <= {limit} for the {split} split"
+                         + (" (training items stay below test_offset, keeping the splits disjoint)"
+                            if split == "train" and not overlap_compat else "") + f", got {n}")
+
+
 def generate(preset: Union[str, TaskConfig], n: int, out_dir: Union[str, Path], seed: int = 1,
              split: str = "train", epoch: int = 0, overlap_compat: bool = False, shard_size: int = 1000,
              progress: bool = True) -> Path:
     """Generates ``n`` samples into out_dir/NAME/ as shards; resumable. Returns the folder.
 
     Shards already on disk with matching parameters are kept; the manifest ``dataset.json`` is
-    written last, so its presence marks a complete dataset.
+    written last, so its presence marks a complete dataset. Every argument is checked (and the
+    grammar built) before anything is created; temporary files left by killed runs are removed
+    (``remove_stale_temps``).
     """
     config = get_preset(preset)
-    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"generate: shard_size must be an integer >= 1, got {shard_size!r}")
+    _check_generate_args(config, n, seed, split, epoch, overlap_compat, shard_size)
     folder = Path(out_dir) / dataset_name(config, split, n, seed, epoch, overlap_compat)
+    _check_folder("generate", folder)
+    config.grammar(seed)                      # a grammar that cannot be built fails here, not mid-run
     folder.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(folder)
     update = _progress() if progress else (lambda done, total: None)
     shards = []
     for k, start in enumerate(range(0, n, shard_size)):
@@ -186,8 +271,6 @@ def generate(preset: Union[str, TaskConfig], n: int, out_dir: Union[str, Path], 
         samples = list(dataset(config, split, count, seed, epoch, overlap_compat, start=start))
         save(folder, samples, config, split, seed, epoch, overlap_compat, start=start, name=name)
         update(start + count, n)
-    if n == 0:
-        update(0, 0)
     manifest = _params(config, split, n, seed, epoch, overlap_compat)
     manifest["shards"] = shards
     _atomic_write(folder / "dataset.json", lambda f: f.write(json.dumps(manifest, indent=1).encode()))
