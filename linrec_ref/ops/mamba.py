@@ -84,6 +84,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from .. import _regimes
+from .._decay import FAST_BOUND, cumsum_in_chunks, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._scan import reverse_steps, segsum
 from .._spec import Arg, OpSpec
@@ -129,7 +130,7 @@ def _advance(u, dt, A, Bm):
 def recurrent(u, delta, A, Bm, Cm, D, z, delta_bias, *, initial_state, delta_softplus):
     """The definition: a loop over t. u, delta, z: [B, T, D]; A: [D, S]; Bm, Cm: [B, T, S];
     D, delta_bias: [D]; state [N, D, S]. Returns y: [B, T, D]."""
-    dt = _step_sizes(delta, A, delta_bias, delta_softplus).dt       # [B, T, D]
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
     advance = _advance(u, dt, A, Bm)
     h = initial_state                                               # [B, D, S]
     y = np.empty(u.shape, dtype=u.dtype)                            # [B, T, D]
@@ -142,7 +143,7 @@ def recurrent(u, delta, A, Bm, Cm, D, z, delta_bias, *, initial_state, delta_sof
 @step_form(SPEC)
 def step(u, delta, A, Bm, Cm, D, z, delta_bias, *, state, delta_softplus):
     """One token: u, delta, z: [B, D]; A: [D, S]; Bm, Cm: [B, S]; state: [B, D, S]."""
-    dt = _step_sizes(delta, A, delta_bias, delta_softplus).dt       # [B, D]
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, D]
     h = _update(state, dt, u, A, Bm)                                # [B, D, S]
     y = (h @ Cm[:, :, None])[..., 0]                                # [B, D]
     return _gated_output(y, u, D, z), h
@@ -156,7 +157,8 @@ def recurrent_vjp(u, delta, A, Bm, Cm, D, z, delta_bias, do, dht, *, initial_sta
     Memory: states are recomputed from checkpoints (``_scan.reverse_steps``), never all T kept;
     the output before the gate (needed for dz) is re-read from the recomputed state at each t.
     """
-    dt, dt_slope = _step_sizes(delta, A, delta_bias, delta_softplus)   # [B, T, D]
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
+    dt_slope = _step_size_slope(delta, delta_bias, delta_softplus)  # d dt / d delta, [B, T, D]
     du, ddt, dz = np.zeros_like(u), np.zeros_like(dt), (None if z is None else np.zeros_like(z))
     dBm, dCm, dA = np.zeros_like(Bm), np.zeros_like(Cm), np.zeros_like(A)
     dD = None if D is None else np.zeros_like(D)
@@ -186,13 +188,6 @@ def recurrent_vjp(u, delta, A, Bm, Cm, D, z, delta_bias, do, dht, *, initial_sta
 
 
 # ----------------------------------------------------------------------------- step sizes, gate
-class StepSizes(NamedTuple):
-    """dt = softplus(delta + bias) (or delta + bias) and its slope d dt / d delta, [B, T, D]."""
-
-    dt: np.ndarray
-    dt_slope: np.ndarray
-
-
 class GateGrads(NamedTuple):
     """The backward of the skip term and the gate, y = (y_ssm + D u) * silu(z).
 
@@ -219,15 +214,15 @@ def _check_A(A):
             f"mamba_ssm uses A = -exp(A_log)); got {float(A[i])!r} at index {i}")
 
 
-def _step_sizes(delta, A, delta_bias, delta_softplus) -> StepSizes:
-    """dt = softplus(delta + bias) or delta + bias, and d dt / d delta. Validates A and dt.
+def _step_sizes(delta, A, delta_bias, delta_softplus):
+    """dt = softplus(delta + bias) or delta + bias. Validates A and dt.
 
-    delta: [B, T, D] (or [B, D] for a step) -> StepSizes of the same shape.
+    delta: [B, T, D] (or [B, D] for a step) -> dt of the same shape.
     """
     _check_A(A)                       # (the form wrappers check that delta_softplus is a bool)
     x = delta if delta_bias is None else delta + delta_bias
     if delta_softplus:
-        return StepSizes(np.logaddexp(0, x), _sigmoid(x))            # softplus, its derivative
+        return np.logaddexp(0, x)                                   # softplus
     bad = x < 0
     if bad.any():
         i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), x.shape))
@@ -235,7 +230,13 @@ def _step_sizes(delta, A, delta_bias, delta_softplus) -> StepSizes:
         raise InputError(
             f"mamba: with delta_softplus=False the step size {what} must be >= 0 (it is used as "
             f"is); got {float(x[i])!r} at index {i}. Pass delta_softplus=True to apply softplus")
-    return StepSizes(x, np.ones_like(x))
+    return x
+
+
+def _step_size_slope(delta, delta_bias, delta_softplus):
+    """d dt / d delta (= d dt / d delta_bias): sigmoid(delta + bias) with softplus, else 1."""
+    x = delta if delta_bias is None else delta + delta_bias
+    return _sigmoid(x) if delta_softplus else np.ones_like(x)
 
 
 def _gated_output(y_ssm, u, D, z):
@@ -274,7 +275,7 @@ def attention_matrix(delta, A, Bm, Cm, delta_bias, *, delta_softplus):
 
     The sum over the state index n is a loop, so memory stays O(B D T^2) (the output's size).
     """
-    dt = _step_sizes(delta, A, delta_bias, delta_softplus).dt       # [B, T, D]
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
     dth = np.moveaxis(dt, 1, -1)                                    # [B, D, T]
     B, D, T = dth.shape
     alpha = np.zeros((B, D, T, T), dtype=dt.dtype)
@@ -285,8 +286,8 @@ def attention_matrix(delta, A, Bm, Cm, delta_bias, *, delta_softplus):
     return alpha * dth[:, :, None, :]                               # times dt_s[d]
 
 
-# ----------------------------------------------------------------------------- parallel, chunkwise
-# Both go through the identity of recurrences.md section 4 and gla's dense cores.
+# ----------------------------------------------------------------------------- parallel
+# Through the identity of docs/recurrences.md section 4: gla with one head per channel.
 class GlaInputs(NamedTuple):
     """mamba's inputs mapped to gla's (one head per channel, H = D, K = S, V = 1, scale 1)."""
 
@@ -308,27 +309,29 @@ def _as_gla(u, dt, A, Bm, Cm, initial_state) -> GlaInputs:
     return GlaInputs(q, k, v, g, None, initial_state[..., None])    # state [N, D, S, 1]
 
 
-def _forward_via_gla(gla_core, u, delta, A, Bm, Cm, D, z, delta_bias, initial_state,
-                     delta_softplus, **chunking):
-    """y and the final state from a gla forward core on the mapped inputs."""
-    dt = _step_sizes(delta, A, delta_bias, delta_softplus).dt       # [B, T, D]
+@forward_form(SPEC)
+def parallel(u, delta, A, Bm, Cm, D, z, delta_bias, *, initial_state, delta_softplus):
+    """gla's parallel form on the mapped inputs (per-channel decay masks [B, D, S, T, T]), then
+    the skip term and the gate. Shapes as ``recurrent``."""
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
     q, k, v, g, gv, h0 = _as_gla(u, dt, A, Bm, Cm, initial_state)
-    o, S = gla_core(q, k, v, g, gv, scale=1.0, initial_state=h0, **chunking)
+    o, S = gla.parallel.core(q, k, v, g, gv, scale=1.0, initial_state=h0)
     return _gated_output(o[..., 0], u, D, z), S[..., 0]             # [B, T, D], [B, D, S]
 
 
-def _vjp_via_gla(gla_core, gla_vjp_core, u, delta, A, Bm, Cm, D, z, delta_bias, do, dht,
-                 initial_state, delta_softplus, **chunking):
-    """Gradients from a gla vjp core, chained back through the mapping of ``_as_gla``:
+@vjp_form(SPEC)
+def parallel_vjp(u, delta, A, Bm, Cm, D, z, delta_bias, do, dht, *, initial_state, delta_softplus):
+    """gla's parallel backward on the mapped inputs, chained back to mamba's inputs:
     dCm = sum_d dq, dBm = sum_d dk, ddt = dv u + sum_n dg A, du = dv dt, dA = sum_{b,t} dg dt."""
-    dt, dt_slope = _step_sizes(delta, A, delta_bias, delta_softplus)   # [B, T, D]
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
+    dt_slope = _step_size_slope(delta, delta_bias, delta_softplus)  # d dt / d delta, [B, T, D]
     q, k, v, g, gv, h0 = _as_gla(u, dt, A, Bm, Cm, initial_state)
     y_ssm = None
     if z is not None:                                               # the gate needs y before it
-        y_ssm = gla_core(q, k, v, g, gv, scale=1.0, initial_state=h0, **chunking)[0][..., 0]
+        y_ssm = gla.parallel.core(q, k, v, g, gv, scale=1.0, initial_state=h0)[0][..., 0]
     gate = _gated_output_vjp(y_ssm, u, D, z, do)                    # [B, T, D]
-    gr = gla_vjp_core(q, k, v, g, gv, gate.dy[..., None], dht[..., None], scale=1.0,
-                      initial_state=h0, **chunking)
+    gr = gla.parallel_vjp.core(q, k, v, g, gv, gate.dy[..., None], dht[..., None], scale=1.0,
+                               initial_state=h0)
     dx, dg = gr["v"][..., 0], gr["g"]                               # [B, T, D], [B, T, D, S]
     du = dx * dt if gate.du is None else dx * dt + gate.du
     ddt = dx * u + np.sum(dg * A, axis=-1)                          # [B, T, D]
@@ -338,41 +341,163 @@ def _vjp_via_gla(gla_core, gla_vjp_core, u, delta, A, Bm, Cm, D, z, delta_bias, 
             "delta_bias": dbias, "initial_state": gr["initial_state"][..., 0]}
 
 
-@forward_form(SPEC)
-def parallel(u, delta, A, Bm, Cm, D, z, delta_bias, *, initial_state, delta_softplus):
-    """gla's parallel form on the mapped inputs (per-channel decay masks [B, D, S, T, T]), then
-    the skip term and the gate. Shapes as ``recurrent``."""
-    return _forward_via_gla(gla.parallel.core, u, delta, A, Bm, Cm, D, z, delta_bias,
-                            initial_state, delta_softplus)
+# ----------------------------------------------------------------------------- chunkwise
+# The state is D * S independent scalar recurrences h_t = a_t h_{t-1} + b_t, one per channel d
+# and state index n, with a_t = exp(dt_t[d] A[d, n]) and b_t = x_t[d] Bm_t[n], x_t = dt_t u_t.
+# Inside a piece of tokens i..j (the piece's first token i is its anchor), with
+#     Lam_t = dt_{i+1} + ... + dt_t  (Lam_i = 0)   and   E_t = exp(Lam_t A) in (0, 1],
+# the decay from s to t is a_{s+1} ... a_t = E_t / E_s, so
+#     h_t = E_t * W_t,   W_t = a_i h_in + sum_{s=i..t} b_s / E_s              (per d, n)
+# is one cumulative sum over the piece instead of j - i + 1 dependent steps (the factored form
+# of docs/numerics.md hazard 1). 1 / E_s grows with the piece's decay range
+#     max over (b, d, n) of Lam_j |A|  <=  sum_{t=i+1..j} max_{b,d}(dt_t[b, d] max_n |A[d, n]|),
+# so pieces are cut where that bound would reach ``_decay.FAST_BOUND`` (60 in float32, 600 in
+# float64, far from overflow; the factored decay's relative error is about eps times the
+# range), and never exceed chunk_size tokens. The anchor's own decay a_i multiplies only the
+# entering state, so a token whose decay alone passes the bound (exp(dt A) underflowing to 0,
+# a reset) starts a piece and resets it exactly. Lam is a cumulative sum inside the piece only
+# (hazard 2). The state is carried from piece to piece; only the states entering the pieces are
+# kept ([B, D, S] each), and each piece's temporaries are [B, L, D, S] with L <= chunk_size.
+def _pieces(dt, A, chunk_size):
+    """Split the T tokens into pieces (slices) of at most chunk_size tokens whose factored decay
+    range stays below FAST_BOUND[dtype]. dt: [B, T, D]; A: [D, S]."""
+    T, bound = dt.shape[1], FAST_BOUND[dt.dtype]
+    rate = np.max(dt * np.max(-A, axis=1, initial=0), axis=(0, 2), initial=0)  # [T]: >= every dt |A|
+    pieces, start = [], 0
+    while start < T:
+        stop = min(start + chunk_size, T)
+        if np.sum(rate[start + 1:stop]) >= bound:                   # cut the piece short
+            ranges = np.cumsum(rate[start + 1:stop])                # range of [start, start + 2 + j)
+            stop = start + 1 + int(np.searchsorted(ranges, bound))  # the longest range < bound
+        pieces.append(slice(start, stop))
+        start = stop
+    return pieces
 
 
-@vjp_form(SPEC)
-def parallel_vjp(u, delta, A, Bm, Cm, D, z, delta_bias, do, dht, *, initial_state, delta_softplus):
-    """gla's parallel backward on the mapped inputs, chained back to mamba's inputs."""
-    return _vjp_via_gla(gla.parallel.core, gla.parallel_vjp.core, u, delta, A, Bm, Cm, D, z,
-                        delta_bias, do, dht, initial_state, delta_softplus)
+class PieceStates(NamedTuple):
+    """The states of one piece of L tokens in factored form, h_t = E_t * W_t, state-major:
+    [B, L, S, D] (the state index n before the channel d, so that every broadcast runs along
+    the D channels, not along the short S axis).
+
+    E: [B, L, S, D] exp(Lam_t A), the decay from the piece's first token to t, in (0, 1]
+    W: [B, L, S, D] a_first h_in + sum_{s <= t} b_s / E_s
+    a_first: [B, S, D] exp(dt A) of the piece's first token (decays the entering state h_in)
+    """
+
+    E: np.ndarray
+    W: np.ndarray
+    a_first: np.ndarray
+
+
+def _piece_states(dt, x, A_t, Bm, h_in) -> PieceStates:
+    """dt, x = dt u: [B, L, D]; A_t = A^T: [S, D]; Bm: [B, L, S]; h_in: [B, S, D] the state
+    before the piece (state-major, like the result)."""
+    B, L, D = dt.shape
+    Lam = np.zeros_like(dt)                                         # [B, L, D]
+    if L > 1:
+        Lam[:, 1:] = cumsum_in_chunks(dt[:, 1:])                    # dt_{i+1} + ... + dt_t
+    E = np.multiply(Lam[:, :, None, :], A_t)                        # [B, L, S, D], <= 0
+    np.exp(E, out=E)                                                # in (0, 1]
+    b = np.multiply(Bm[..., None], x[:, :, None, :])                # [B, L, S, D]: b_s
+    b /= E                                                          # |b_s| exp(range) at most
+    a_first = np.exp(dt[:, 0, None, :] * A_t)                       # [B, S, D]
+    b[:, 0] += a_first * h_in
+    W = cumsum_in_chunks(b.reshape(B, L, -1)).reshape(b.shape)      # [B, L, S, D]
+    return PieceStates(E, W, a_first)
+
+
+class ChunkScan(NamedTuple):
+    """The forward sweep over pieces: what the backward needs besides the inputs."""
+
+    y: np.ndarray        # [B, T, D] the SSM output before the skip term and the gate
+    pieces: list         # slices of the time axis (``_pieces``)
+    h_in: list           # the state entering each piece, state-major [B, S, D] each
+    h_last: np.ndarray   # [B, D, S] the final state
+
+
+def _chunk_scan(u, dt, A, Bm, Cm, initial_state, chunk_size) -> ChunkScan:
+    """Steps 1-3 of ``chunkwise``: every piece's states from the carried state, their read."""
+    x = dt * u                                                      # [B, T, D]
+    A_t = np.ascontiguousarray(A.T)                                 # [S, D]
+    y = np.empty_like(u)                                            # [B, T, D]
+    pieces, h_in = _pieces(dt, A, chunk_size), []
+    h = initial_state.swapaxes(1, 2)                                # [B, S, D] (a view)
+    for p in pieces:
+        h_in.append(h)
+        E, W, _ = _piece_states(dt[:, p], x[:, p], A_t, Bm[:, p], h)
+        states = np.multiply(E, W, out=W)                           # h_t, [B, L, S, D]
+        y[:, p] = (Cm[:, p, None, :] @ states)[:, :, 0, :]          # sum_n Cm_t[n] h_t[n, :]
+        h = states[:, -1].copy()                                    # [B, S, D] (not a view)
+    return ChunkScan(y, pieces, h_in, np.ascontiguousarray(h.swapaxes(1, 2)))  # h: [B, D, S]
 
 
 @forward_form(SPEC, chunked=True)
 def chunkwise(u, delta, A, Bm, Cm, D, z, delta_bias, *, initial_state, chunk_size, delta_softplus):
-    """gla's chunkwise form on the mapped inputs (chunks of C tokens, per-chunk states
-    [B, D, N, S, 1]), then the skip term and the gate.
+    """Pieces of at most C = chunk_size tokens, each solved in closed form (see the comment
+    above ``_pieces``), the state carried between them. Memory: O(T/C * B D S) besides the
+    inputs and outputs, and [B, C, S, D] temporaries per piece.
 
-    1. dt = softplus(delta + bias) (or delta + bias); q = Cm, k = Bm, v = dt u, g = dt A
-    2. gla chunkwise: intra-chunk scores, chunk end states, carry across chunks, state read
-    3. y = (o + D u) * silu(z)
+    1. dt = softplus(delta + bias) (or delta + bias); x = dt u; cut the pieces
+    2. per piece: E_t = exp(Lam_t A), W_t = a_first h_in + cumsum_s(x_s Bm_s / E_s), h_t = E_t W_t
+    3. read y_t = sum_n Cm_t[n] h_t[:, n]; carry h at the piece's last token to the next piece
+    4. y = (y + D u) * silu(z)
     """
-    return _forward_via_gla(gla.chunkwise.core, u, delta, A, Bm, Cm, D, z, delta_bias,
-                            initial_state, delta_softplus, chunk_size=chunk_size)
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
+    scan = _chunk_scan(u, dt, A, Bm, Cm, initial_state, chunk_size)
+    return _gated_output(scan.y, u, D, z), scan.h_last
 
 
 @vjp_form(SPEC, chunked=True)
 def chunkwise_vjp(u, delta, A, Bm, Cm, D, z, delta_bias, do, dht, *, initial_state, chunk_size,
                   delta_softplus):
-    """gla's chunkwise backward on the mapped inputs, chained back to mamba's inputs (only
-    per-chunk states are kept)."""
-    return _vjp_via_gla(gla.chunkwise.core, gla.chunkwise_vjp.core, u, delta, A, Bm, Cm, D, z,
-                        delta_bias, do, dht, initial_state, delta_softplus, chunk_size=chunk_size)
+    """Backward of the chunkwise form: the adjoint recurrence dh_t = Cm_t dy_t + a_{t+1} dh_{t+1}
+    solved per piece in the same factored form, pieces walked from the last to the first.
+
+    1. forward sweep (``_chunk_scan``): y before the gate, the state entering every piece
+    2. the gate's backward: dy = do * silu(z) (and du, dD, dz of the skip term and the gate)
+    3. per piece, last to first, with the piece's E, W recomputed from its entering state:
+       dh_t = (1 / E_t) (sum_{t' >= t} E_t' Cm_t' dy_t' + E_last dh_out)   (reverse cumsum)
+       dCm_t = sum_d dy_t h_t,  dBm_t = sum_d x_t dh_t,  dx_t = sum_n Bm_t dh_t,
+       dg_t = dh_t * a_t h_{t-1} with a_t h_{t-1} = E_t W_{t-1} (a_first h_in at the first token),
+       ddt_t = u_t dx_t + sum_n dg_t A,  dA += sum_{b,t} dt_t dg_t,  dh_out <- a_first dh_first
+    Arrays inside the loop are state-major, [B, L, S, D], as in ``PieceStates``.
+    """
+    dt = _step_sizes(delta, A, delta_bias, delta_softplus)          # [B, T, D]
+    dt_slope = _step_size_slope(delta, delta_bias, delta_softplus)  # d dt / d delta, [B, T, D]
+    scan = _chunk_scan(u, dt, A, Bm, Cm, initial_state, chunk_size)
+    gate = _gated_output_vjp(scan.y, u, D, z, do)                   # gate.dy: [B, T, D]
+    x = dt * u                                                      # [B, T, D]
+    A_t = np.ascontiguousarray(A.T)                                 # [S, D]
+    dx, ddt = np.empty_like(u), np.empty_like(dt)                   # [B, T, D]
+    dBm, dCm, dA = np.empty_like(Bm), np.empty_like(Cm), np.zeros_like(A)
+    dh = dht.swapaxes(1, 2)                                         # [B, S, D]: from later pieces
+    for p, h_in in zip(reversed(scan.pieces), reversed(scan.h_in)):
+        E, W, a_first = _piece_states(dt[:, p], x[:, p], A_t, Bm[:, p], h_in)
+        B, L, S, D_ = E.shape
+        dy = gate.dy[:, p]                                          # [B, L, D]
+        # adjoint states: E_t dh_t = sum_{t' >= t} E_t' (Cm_t' dy_t') + E_last dh_out
+        read = np.multiply(Cm[:, p, :, None], dy[:, :, None, :])    # [B, L, S, D]
+        read[:, -1] += dh
+        read *= E
+        dstates = reverse_cumsum_in_chunks(read.reshape(B, L, -1)).reshape(E.shape)
+        dstates /= E                                                # dh_t, [B, L, S, D]
+        states = np.multiply(E, W)                                  # h_t, [B, L, S, D]
+        dCm[:, p] = (states @ dy[..., None])[..., 0]                # [B, L, S]
+        dBm[:, p] = (dstates @ x[:, p, :, None])[..., 0]            # [B, L, S]
+        dx[:, p] = (Bm[:, p, None, :] @ dstates)[:, :, 0, :]        # [B, L, D]
+        # dg_t = dh_t * a_t h_{t-1}; a_t h_{t-1} = E_t W_{t-1} inside the piece
+        decayed = states                                            # reuse: a_t h_{t-1}
+        decayed[:, 0] = a_first * h_in
+        np.multiply(E[:, 1:], W[:, :-1], out=decayed[:, 1:])
+        dg = np.multiply(dstates, decayed, out=decayed)             # [B, L, S, D]
+        ddt[:, p] = np.einsum("blnd,nd->bld", dg, A_t)              # sum_n dg A
+        dA += np.einsum("bld,blnd->dn", dt[:, p], dg)               # sum_{b,t} dt dg
+        dh = a_first * dstates[:, 0]                                # to the previous piece
+    ddt += u * dx
+    du = dt * dx if gate.du is None else dt * dx + gate.du
+    ddelta, dbias = _delta_grads(ddt, dt_slope, delta_bias)
+    return {"u": du, "delta": ddelta, "A": dA, "Bm": dBm, "Cm": dCm, "D": gate.dD, "z": gate.dz,
+            "delta_bias": dbias, "initial_state": np.ascontiguousarray(dh.swapaxes(1, 2))}
 
 
 # ----------------------------------------------------------------------------- random inputs
