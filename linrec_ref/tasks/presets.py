@@ -222,7 +222,7 @@ def _check_amb(config: TaskConfig, amb, n_start) -> None:
     if isinstance(n_start, (int, np.integer)) and not isinstance(n_start, bool) and amb * amb < n_start:
         smallest = int(np.ceil(np.sqrt(n_start)))
         raise ValueError(f"{where}: amb={amb} gives {amb * amb} state(s) besides '#', fewer than the "
-                         f"{n_start} start states (n_start); use amb >= {smallest} or set n_start <= {amb * amb}")
+                         f"{n_start} start states; use amb >= {smallest} (or lower n_start to <= {amb * amb})")
 
 
 def max_items(config: TaskConfig, split: str, overlap_compat: bool = False) -> int:
