@@ -122,7 +122,7 @@ def _prepare(spec: OpSpec, values: dict, *, chunked: bool = False, vjp: bool = F
     p.options = bind_default_options(spec, values.get("options", {}))
     for name, default in spec.options.items():
         if isinstance(default, bool):
-            V.check_flag(op, name, p.options[name])
+            V.check_flag(op, name, p.options[name], kind="option")
     if "output_final_state" in values:
         V.check_flag(op, "output_final_state", values["output_final_state"])
     if names is not None:  # attention_matrix: no state, no varlen

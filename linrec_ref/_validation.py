@@ -207,10 +207,11 @@ def check_arrays(op: str, specs: Iterable[Arg], values: Dict[str, object], binde
     return real_dtype
 
 
-def check_flag(op: str, name: str, value) -> bool:
-    """A boolean option: bool or np.bool_ only (a string such as 'no' is not a truth value)."""
+def check_flag(op: str, name: str, value, kind: str = "argument") -> bool:
+    """A boolean flag: bool or np.bool_ only (a string such as 'no' is not a truth value).
+    kind names it in the message: "argument" (output_final_state) or "option" (an op option)."""
     if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{op}: argument '{name}' must be True or False, got {value!r} "
+        raise TypeError(f"{op}: {kind} '{name}' must be True or False, got {value!r} "
                         f"({type(value).__name__})")
     return bool(value)
 

@@ -164,7 +164,7 @@ def test_normalize_must_be_bool():
 def test_normalized_state_is_a_tuple():
     x = _inputs("normalized", T=5)
     S0, z0 = x["initial_state"]
-    with pytest.raises(TypeError, match=r"linear_attention: argument 'initial_state' must be a tuple \(S: \[N, H, K, V\], z: \[N, H, K\]\)"):
+    with pytest.raises(TypeError, match=r"linear_attention: argument 'initial_state' must be a tuple of 2 arrays \(S: \[N, H, K, V\], z: \[N, H, K\]\), got a ndarray"):
         la.chunkwise(**dict(x, initial_state=S0))
     with pytest.raises(InputError, match=r"linear_attention: argument 'initial_state.z' must have shape \[N, H, K\]"):
         la.parallel(**dict(x, initial_state=(S0, z0[..., None])))

@@ -258,7 +258,7 @@ def test_negative_step_size_without_softplus_is_rejected():
 
 
 def test_delta_softplus_must_be_a_bool():
-    with pytest.raises(TypeError, match=r"mamba: argument 'delta_softplus' must be True or False, "
+    with pytest.raises(TypeError, match=r"mamba: option 'delta_softplus' must be True or False, "
                                         r"got 'yes' \(str\)"):
         mamba.recurrent(**dict(inputs("plain"), delta_softplus="yes"))
 

@@ -302,7 +302,7 @@ def test_boolean_op_options_take_bool_only(op):
     for name, default in spec.options.items():
         if not isinstance(default, bool):
             continue
-        with pytest.raises(TypeError, match=rf"{op}: argument '{name}' must be True or False, "
+        with pytest.raises(TypeError, match=rf"{op}: option '{name}' must be True or False, "
                                             rf"got 'yes' \(str\)"):
             registry.form(op, "recurrent")(**dict(x, **{name: "yes"}))
         o, _ = registry.form(op, "recurrent")(**dict(x, **{name: np.bool_(x.get(name, default))}))
