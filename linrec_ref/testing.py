@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, NamedTuple, Optional, Sequence
 import numpy as np
 
 from . import registry
+from ._mlstm_condition import MlstmCondition, mlstm_keys, mlstm_queries
 from ._regimes import DECAY_REGIMES, log_decay, normal  # noqa: F401  (re-exported)
 
 
@@ -346,3 +347,35 @@ def fd_check(loss: Callable[[dict], float], inputs: dict, grads: dict, names: It
     joint = max([float(np.abs(fd).max()) for _, fd in out.values() if fd.size] + [0.0])
     return {name: compare(an, fd, tier, name=f"d{name} vs FD", zero_scale=joint)
             for name, (an, fd) in out.items()}
+
+
+# ------------------------------------------------------------------------- mlstm conditioning
+def mlstm_condition(q, k, v, i, f, *, scale: Optional[float] = None, initial_state=None,
+                    block: int = 64) -> MlstmCondition:
+    """How ill-conditioned mlstm's output is at every token, for these inputs.
+
+    mlstm's output h_t = num_t / max(|n_t . q^_t|, 1) divides two sums over the past tokens s
+    (see linrec_ref.ops.mlstm). Where their terms cancel, rounding is amplified: the relative
+    error of any evaluation of h_t is about u * ``.output``, u the unit roundoff (6e-8 in
+    float32, 1.1e-16 in float64), with the per-token relative condition numbers
+        .normaliser = sum_s |w_ts q^_t . k_s| / max(|n_t . q^_t|, 1)
+        .numerator  = max_j sum_s |w_ts (q^_t . k_s) v_sj| / max_j |(C_t^T q^_t)_j|
+    (w_ts = exp(f_{s+1} + ... + f_t + i_s), q^ = scale q; the initial state counts as one more
+    term) and .log_normaliser = log |n_t . q^_t| (0 is the floor's kink). A float32 kernel whose
+    error at a token is far above 6e-8 * .output has a bug; one near it meets an ill-posed input.
+    docs/testing.md gives measured numbers.
+
+    Exact for T <= 2 * block; beyond, terms older than one to two blocks enter through a
+    Cauchy-Schwarz bound, so the measure is an upper bound (a few times the exact value at most,
+    in slow decays, where old terms matter). Float64; time and memory O(B H T block).
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; i, f: [B, T, H]; initial_state: (C~_0, n~_0, m_0) or
+    None; scale=None means K^-1/2. Returns an MlstmCondition of three [B, T, H] arrays.
+    """
+    q, k, v, i, f = (np.asarray(x, np.float64) for x in (q, k, v, i, f))
+    B, T, H, K = q.shape
+    if T == 0:
+        return MlstmCondition(*(np.zeros((B, 0, H)) for _ in MlstmCondition._fields))
+    scale = K ** -0.5 if scale is None else float(scale)
+    keys = mlstm_keys(k, v, i, f, initial_state, min(int(block), T))
+    return mlstm_queries(keys, scale * q)

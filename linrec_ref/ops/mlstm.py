@@ -107,6 +107,7 @@ from typing import NamedTuple, Tuple
 import numpy as np
 
 from .. import _regimes
+from .._mlstm_condition import mlstm_keys, mlstm_queries
 from .._forms import forward_form, matrix_form, step_form, vjp_form
 from .._scan import from_chunks, reverse_cumsum, reverse_steps, segsum, to_chunks
 from .._spec import Arg, OpSpec
@@ -534,34 +535,9 @@ def chunkwise_vjp(q, k, v, i, f, do, dht, *, scale, initial_state, chunk_size):
 # ----------------------------------------------------------------------------- random inputs
 # make_inputs keeps every token's normaliser away from the floor's kink and well conditioned:
 KINK_MARGIN = 0.05      # |log |n_t^T q^_t|| >= this (n, q^ unstabilised; the kink is at 1)
-MAX_CANCELLATION = 50   # sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) <= this
+MAX_CANCELLATION = 50   # mlstm_condition's normaliser measure <= this
 REDRAWS = 20            # redraws of an offending q_t before it is rescaled instead
-
-
-def _normaliser_profile(q, k, i, f, scale):
-    """For every token (no initial state, float64): log |n_t^T q^_t| (true normaliser; 0 is the
-    kink of max(|.|, 1)) and the cancellation ratio
-    sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1) (how much the output amplifies rounding).
-
-    q, k: [B, T, H, K]; i, f: [B, T, H] -> two [B, T, H] arrays. O(T^2) time, O(T) memory.
-    """
-    B, T, H, K = q.shape
-    log_weight = np.full((B, H, T), -np.inf)                         # [B, H, T]: log weight of s
-    log_init = np.zeros((B, H))                                      # [B, H]: F_t + m_0, m_0 = 0
-    log_ratio, cancellation = np.empty((B, T, H)), np.empty((B, T, H))
-    kh = np.moveaxis(k, 1, 2)                                        # [B, H, T, K]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for t in range(T):
-            log_weight = log_weight + f[:, t, :, None]               # decay every earlier write
-            log_weight[..., t] = i[:, t]
-            log_init = log_init + f[:, t]
-            m = np.maximum(log_init, log_weight.max(axis=-1))        # [B, H]
-            terms = np.exp(log_weight - m[..., None]) * (kh @ (scale * q[:, t, :, :, None]))[..., 0]
-            z = terms.sum(axis=-1)                                   # [B, H]: n~_t^T q^_t
-            log_ratio[:, t] = np.log(np.abs(z)) + m
-            floor = np.maximum(np.abs(z), np.exp(-m))                # [B, H]
-            cancellation[:, t] = np.abs(terms).sum(axis=-1) / floor
-    return log_ratio, cancellation
+CHECK_BLOCK = 32        # mlstm_condition's block: exact for T <= 64, an upper bound beyond
 
 
 def make_inputs(rng, regime, dims, dtype, variant="default"):
@@ -569,10 +545,13 @@ def make_inputs(rng, regime, dims, dtype, variant="default"):
 
     Then q_t (which enters h_t only) is redrawn, up to REDRAWS times, where its normaliser is
     within KINK_MARGIN of the kink |n_t^T q^_t| = 1 (finite differences would straddle it) or
-    cancels by more than MAX_CANCELLATION (h_t is then ill-conditioned: float32 loses ~1e-7 times
-    that ratio, and a random initial state of O(1) can move such a token onto the kink). A token
-    still offending is rescaled to |n_t^T q^_t| = 1/2. The floor binds at some tokens and not at
-    others. Checked without an initial state; a random initial state perturbs n by O(1) only.
+    cancels by more than MAX_CANCELLATION (``testing.mlstm_condition``'s normaliser measure
+    sum_s |e^{D_ts} q^_t . k_s| / max(|n_t^T q^_t|, 1): h_t is then ill-conditioned, float32
+    loses ~1e-7 times that ratio, and a random initial state of O(1) can move such a token onto
+    the kink). A token still offending is rescaled to |n_t^T q^_t| = 1/2. The floor binds at
+    some tokens and not at others. Checked without an initial state (a random one perturbs n by
+    O(1) only), exactly for T <= 2 CHECK_BLOCK and through an upper bound of the measure beyond;
+    O(T) time, a redraw re-measuring only the redrawn tokens.
     """
     if variant != "default":
         raise ValueError(f"mlstm: unknown variant {variant!r}; expected 'default'")
@@ -583,17 +562,19 @@ def make_inputs(rng, regime, dims, dtype, variant="default"):
     f = _regimes.log_decay(rng, (B, T, H), regime, dtype).astype(np.float64)
     i = (2.0 * _regimes.normal(rng, (B, T, H), dtype)).astype(np.float64)
 
-    def offending(q):
-        log_ratio, cancellation = _normaliser_profile(q, k, i, f, K ** -0.5)   # [B, T, H]
-        return (np.abs(log_ratio) < KINK_MARGIN) | (cancellation > MAX_CANCELLATION), log_ratio
-
-    bad, log_ratio = offending(q)
+    C = max(1, min(CHECK_BLOCK, T))
+    keys = mlstm_keys(k, v.astype(np.float64), i, f, None, C)          # all that q does not change
+    offending = lambda c: (abs(c.log_normaliser) < KINK_MARGIN) | (c.normaliser > MAX_CANCELLATION)
+    measured = mlstm_queries(keys, K ** -0.5 * q)                        # [B, T, H] each
+    log_ratio, bad = measured.log_normaliser, offending(measured)       # [B, T, H]
     for _ in range(REDRAWS):
         if not bad.any():
             break
         fresh = _regimes.normal(rng, q.shape, dtype).astype(np.float64)          # [B, T, H, K]
         q = np.where(bad[..., None], fresh, q)
-        bad, log_ratio = offending(q)
+        b, t, h = np.nonzero(bad)                      # q_t changed, and only h_t depends on it
+        again = mlstm_queries(keys, K ** -0.5 * q, rows=(b, h, t // C, t % C))   # [n_bad] each
+        log_ratio[b, t, h], bad[b, t, h] = again.log_normaliser, offending(again)
     factor = np.where(bad, 0.5 * np.exp(-np.where(bad, log_ratio, 0.0)), 1.0)   # [B, T, H]
     return {"q": (q * factor[..., None]).astype(dtype), "k": k.astype(dtype), "v": v,
             "i": i.astype(dtype), "f": f.astype(dtype)}
