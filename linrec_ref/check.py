@@ -47,56 +47,6 @@ def _per_token_names(spec, x: dict) -> List[str]:
     return [a.name for a in spec.inputs if a.per_token and x.get(a.name) is not None]
 
 
-def _split_inputs(spec, x: dict):
-    """(array inputs, everything else: options and the initial state)."""
-    names = set(spec.input_names)
-    return ({k: v for k, v in x.items() if k in names}, {k: v for k, v in x.items() if k not in names})
-
-
-def run_form(op: str, form: str, x: dict, chunk_size: Optional[int] = None):
-    """(o, final_state) of a forward form; x from testing.make_inputs."""
-    fn = registry.form(op, form)
-    kw = {"chunk_size": chunk_size} if form == "chunkwise" else {}
-    return fn(**x, output_final_state=True, **kw)
-
-
-def run_vjp(op: str, form: str, x: dict, do, dht, chunk_size: Optional[int] = None) -> dict:
-    fn = registry.form(op, f"{form}_vjp")
-    kw = {"chunk_size": chunk_size} if form == "chunkwise" else {}
-    return fn(**x, do=do, dht=dht, **kw)
-
-
-def run_steps(op: str, x: dict):
-    """Decode token by token with ``step``; returns (o, final_state) like a forward form."""
-    spec = registry.spec(op)
-    arrays, rest = _split_inputs(spec, x)
-    step = registry.form(op, "step")
-    per_token = _per_token_names(spec, arrays)
-    options = {k: v for k, v in rest.items() if k in spec.options}
-    if "scale" in rest:
-        options["scale"] = rest["scale"]
-    state = rest.get("initial_state")
-    T = arrays[per_token[0]].shape[1]
-    if T == 0:  # no token to decode: the forms' empty call (an empty output, the initial state
-        return run_form(op, "recurrent", x)  # passed through, zeros when none is given)
-    outs = []
-    for t in range(T):
-        token = {k: (v[:, t] if k in per_token else v) for k, v in arrays.items()}
-        o_t, state = step(**token, state=state, **options)
-        outs.append(o_t)
-    return np.stack(outs, axis=1), state
-
-
-def cotangents(op: str, o, ht, rng):
-    """Random N(0,1) cotangents (do, dht) shaped like the output and the final state."""
-    def like(a):
-        c = rng.standard_normal(a.shape)
-        if np.iscomplexobj(a):
-            c = c + 1j * rng.standard_normal(a.shape)
-        return c.astype(a.dtype)
-    return like(o), tree_map(like, ht)
-
-
 def _chunk_label(C, T):
     return f">=T({C})" if C >= T else str(C)
 
@@ -107,21 +57,21 @@ def check_forward(op, variant="default", regime="typical", dtype=np.float64, T=1
     dt = np.dtype(dtype)
     x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant,
                             initial_state=initial_state, T=T)
-    ref = run_form(op, "recurrent", testing.as_float64(x))
+    ref = testing.run(op, "recurrent", testing.as_float64(x))
     tier = testing.tier_for(dt)
     row = lambda name, res, C=None: CheckRow(op, variant, name, regime, dt.name, T, C, res)
     rows = []
     ref_name = "recurrent" if dt == np.float64 else "recurrent(f64)"
     if dt != np.float64:
         rows.append(row("o,ht: recurrent vs recurrent(f64)",
-                        testing.compare(run_form(op, "recurrent", x), ref, tier)))
-    rows.append(row(f"o,ht: parallel vs {ref_name}", testing.compare(run_form(op, "parallel", x), ref, tier)))
+                        testing.compare(testing.run(op, "recurrent", x), ref, tier)))
+    rows.append(row(f"o,ht: parallel vs {ref_name}", testing.compare(testing.run(op, "parallel", x), ref, tier)))
     for C in chunk_sizes:
         C = min(C, max(T, 1)) if C >= 10**6 else C
         rows.append(row(f"o,ht: chunkwise vs {ref_name}",
-                        testing.compare(run_form(op, "chunkwise", x, C), ref, tier), _chunk_label(C, T)))
+                        testing.compare(testing.run(op, "chunkwise", x, chunk_size=C), ref, tier), _chunk_label(C, T)))
     if T >= 1:
-        rows.append(row(f"o,ht: step loop vs {ref_name}", testing.compare(run_steps(op, x), ref, tier)))
+        rows.append(row(f"o,ht: step loop vs {ref_name}", testing.compare(testing.run_steps(op, x), ref, tier)))
     return rows
 
 
@@ -133,9 +83,9 @@ def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=
     x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant,
                             initial_state=initial_state, T=T)
     x64 = testing.as_float64(x)
-    o, ht = run_form(op, "recurrent", x64)
-    do64, dht64 = cotangents(op, o, ht, rng)
-    ref = run_vjp(op, "recurrent", x64, do64, dht64)
+    o, ht = testing.run(op, "recurrent", x64)
+    do64, dht64 = testing.cotangents(o, ht, rng=rng)
+    ref = testing.vjp(op, "recurrent", x64, do64, dht64)
     tier = testing.tier_for(dt)
     cast = lambda a: a.astype(dt if not np.iscomplexobj(a) else np.result_type(dt, np.complex64))
     do, dht = cast(do64), tree_map(cast, dht64)
@@ -148,7 +98,7 @@ def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=
     runs += [("parallel_vjp", None)] + [("chunkwise_vjp", C) for C in chunk_sizes]
     for form_vjp, C in runs:
         C = min(C, max(T, 1)) if C is not None and C >= 10**6 else C
-        got = run_vjp(op, form_vjp[:-4], x, do, dht, C)
+        got = testing.vjp(op, form_vjp[:-4], x, do, dht, chunk_size=C)
         for n in names:
             res = testing.compare(got[n], ref[n], tier, name=f"d{n}", zero_scale=zero_scale)
             ref_name = "recurrent_vjp" if dt == np.float64 else "recurrent_vjp(f64)"
@@ -156,7 +106,7 @@ def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=
                                  _chunk_label(C, T) if C else None, res))
     if fd and dt == np.float64:
         def loss(inputs):
-            o_, ht_ = run_form(op, "recurrent", inputs)
+            o_, ht_ = testing.run(op, "recurrent", inputs)
             return testing.inner(do64, o_) + testing.inner(dht64, ht_)
         for n, res in testing.fd_check(loss, x64, ref, names, rng=rng).items():
             rows.append(CheckRow(op, variant, f"d{n}: recurrent_vjp vs finite differences", regime,
@@ -175,10 +125,10 @@ def check_split_carry(op, variant="default", regime="typical", dtype=np.float64,
     per_token = _per_token_names(spec, x)
     first = {k: (v[:, :t] if k in per_token else v) for k, v in x.items()}
     second = {k: (v[:, t:] if k in per_token else v) for k, v in x.items()}
-    o1, h1 = run_form(op, form, first, chunk_size)
+    o1, h1 = testing.run(op, form, first, chunk_size=chunk_size)
     second["initial_state"] = h1
-    o2, h2 = run_form(op, form, second, chunk_size)
-    ref = run_form(op, form, x, chunk_size)
+    o2, h2 = testing.run(op, form, second, chunk_size=chunk_size)
+    ref = testing.run(op, form, x, chunk_size=chunk_size)
     res = testing.compare((np.concatenate([o1, o2], axis=1), h2), ref, testing.tier_for(dt))
     return CheckRow(op, variant, f"o,ht: split at t={t} and carry ({form}) vs one call", regime,
                     dt.name, T, chunk_size if form == "chunkwise" else None, res)
@@ -195,7 +145,7 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
     per_token = _per_token_names(spec, x)
     h0 = testing.random_state(op, dict(testing.default_dims(op, T=T, B=1), N=len(lengths)), dt,
                               np.random.default_rng(seed + 7), options=spec.variants[variant])
-    packed_o, packed_h = run_form(op, form, dict(x, initial_state=h0, cu_seqlens=cu), chunk_size)
+    packed_o, packed_h = testing.run(op, form, dict(x, initial_state=h0, cu_seqlens=cu), chunk_size=chunk_size)
     outs, finals = [], []
     for n in range(len(lengths)):
         h0_n = tree_map(lambda s: s[n:n + 1], h0)
@@ -204,7 +154,7 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
             finals.append(h0_n)
             continue
         seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
-        o_n, h_n = run_form(op, form, dict(seg, initial_state=h0_n), chunk_size)
+        o_n, h_n = testing.run(op, form, dict(seg, initial_state=h0_n), chunk_size=chunk_size)
         outs.append(o_n)
         finals.append(h_n)
     sep_h = concat_segment_states(spec, spec.state_args(spec.variants[variant]), finals)
@@ -214,8 +164,8 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
                      chunk_size, testing.compare((packed_o, packed_h), (np.concatenate(outs, axis=1), sep_h), tier))]
     if backward:
         rng = np.random.default_rng(seed + 11)
-        do, dht = cotangents(op, packed_o, packed_h, rng)
-        g_packed = run_vjp(op, form, dict(x, initial_state=h0, cu_seqlens=cu), do, dht, chunk_size)
+        do, dht = testing.cotangents(packed_o, packed_h, rng=rng)
+        g_packed = testing.vjp(op, form, dict(x, initial_state=h0, cu_seqlens=cu), do, dht, chunk_size=chunk_size)
         # separate calls, gradients assembled in the packed layout
         g_sep = {n: np.zeros_like(x[n]) for n in spec.differentiable if x.get(n) is not None}
         dh0 = []
@@ -228,8 +178,8 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
                 dh0.append(dht_n)
                 continue
             seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
-            g = run_vjp(op, form, dict(seg, initial_state=tree_map(lambda s: s[n:n + 1], h0)),
-                        do[:, lo:hi], dht_n, chunk_size)
+            g = testing.vjp(op, form, dict(seg, initial_state=tree_map(lambda s: s[n:n + 1], h0)),
+                            do[:, lo:hi], dht_n, chunk_size=chunk_size)
             for name in g_sep:
                 if name in per_token:
                     g_sep[name][:, lo:hi] = g[name]

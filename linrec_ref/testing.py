@@ -1,5 +1,6 @@
 """Testing tools for users' own suites: tolerance tiers, one comparison function, input
-generators for the regimes of numerics.md, and a central finite-difference gradient checker.
+generators for the regimes of numerics.md, one way to call every form and backward (``run``,
+``vjp``, ``run_steps``, ``cotangents``), and a central finite-difference gradient checker.
 
     >>> from linrec_ref import testing
     >>> x = testing.make_inputs("gla", "fast_forgetting", T=64, dtype=np.float32)   # doctest: +SKIP
@@ -11,7 +12,7 @@ The pass rule of a tier is elementwise:  |actual - ref| <= rtol * |ref| + atol *
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, NamedTuple, Optional, Sequence
+from typing import Callable, Dict, Iterable, NamedTuple, Optional
 
 import numpy as np
 
@@ -261,6 +262,75 @@ def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int
     if initial_state:
         x["initial_state"] = random_state(op, d, dtype, rng, options=s.variants[variant])
     return x
+
+
+# ------------------------------------------------------------------ calling forms and vjps
+def _op_name(op) -> str:
+    """An op given by name ("gla") or by its module (linrec_ref.ops.gla)."""
+    return op if isinstance(op, str) else op.SPEC.name
+
+
+def run(op, form: str, inputs: dict, *, chunk_size: Optional[int] = None, **options):
+    """(o, final_state) of a forward form of op (a name or an ops module) on ``inputs`` (a
+    keyword dict such as make_inputs returns), with output_final_state=True.
+
+    chunk_size goes to the chunkwise form only, so one call site can run every form; options
+    (e.g. scale, an op option) are passed to the form as they are.
+    """
+    fn = registry.form(_op_name(op), form)
+    if form == "chunkwise" and chunk_size is not None:
+        options["chunk_size"] = chunk_size
+    return fn(**inputs, output_final_state=True, **options)
+
+
+def vjp(op, form: str, inputs: dict, do, dht=None, *, chunk_size: Optional[int] = None,
+        **options) -> dict:
+    """The gradient dict {input name: cotangent} of form's backward (form "recurrent" runs
+    recurrent_vjp) for output cotangent do and final-state cotangent dht; chunk_size and options
+    as in ``run``."""
+    fn = registry.form(_op_name(op), f"{form}_vjp")
+    if form == "chunkwise" and chunk_size is not None:
+        options["chunk_size"] = chunk_size
+    return fn(**inputs, do=do, dht=dht, **options)
+
+
+def run_steps(op, inputs: dict):
+    """Decode token by token with the op's ``step``; returns (o, final_state) like ``run``."""
+    name = _op_name(op)
+    spec = registry.spec(name)
+    arrays = {k: v for k, v in inputs.items() if k in set(spec.input_names)}
+    rest = {k: v for k, v in inputs.items() if k not in arrays}
+    per_token = [a.name for a in spec.inputs if a.per_token and arrays.get(a.name) is not None]
+    options = {k: v for k, v in rest.items() if k in spec.options or k == "scale"}
+    state = rest.get("initial_state")
+    T = arrays[per_token[0]].shape[1]
+    if T == 0:  # no token to decode: the forms' empty call (an empty output, the initial state
+        return run(name, "recurrent", inputs)  # passed through, zeros when none is given)
+    step = registry.form(name, "step")
+    outs = []
+    for t in range(T):
+        token = {k: (v[:, t] if k in per_token else v) for k, v in arrays.items()}
+        o_t, state = step(**token, state=state, **options)
+        outs.append(o_t)
+    return np.stack(outs, axis=1), state
+
+
+def cotangents(o, ht=None, *, seed: int = 1, rng: Optional[np.random.Generator] = None):
+    """Random N(0, 1) cotangents (do, dht) shaped and typed like the output o and the final
+    state ht (an array, a tuple of arrays, or None); complex leaves get complex cotangents.
+    rng, when given, is drawn from instead of a generator seeded with ``seed``."""
+    rng = np.random.default_rng(seed) if rng is None else rng
+
+    def like(a):
+        if a is None:
+            return None
+        if isinstance(a, tuple):
+            return tuple(like(leaf) for leaf in a)
+        c = rng.standard_normal(a.shape)
+        if np.iscomplexobj(a):
+            c = c + 1j * rng.standard_normal(a.shape)
+        return c.astype(a.dtype)
+    return like(o), like(ht)
 
 
 def as_float64(inputs: dict) -> dict:

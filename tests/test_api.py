@@ -3,7 +3,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 import linrec_ref
 from linrec_ref import backends, cli, registry, testing

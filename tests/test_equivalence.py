@@ -6,7 +6,7 @@ measured errors and the tolerance.
 import numpy as np
 import pytest
 
-from linrec_ref import check, registry
+from linrec_ref import check, registry, testing
 
 CASES = [(op, variant, regime)
          for op in registry.available()
@@ -69,10 +69,9 @@ def test_varlen_equals_separate_calls(op, variant, regime, form):
 @pytest.mark.parametrize("op", registry.available())
 def test_chunk_size_one_is_recurrent_and_large_is_parallel(op):
     """recurrences.md section 4: chunkwise with C = 1 equals recurrent; C >= T equals parallel."""
-    from linrec_ref import testing
     x = testing.make_inputs(op, registry.spec(op).regimes[0], T=19, initial_state=True, seed=5)
-    rec = check.run_form(op, "recurrent", x)
-    par = check.run_form(op, "parallel", x)
-    testing.assert_close(check.run_form(op, "chunkwise", x, 1), rec, "float64", "chunk 1 vs recurrent")
-    testing.assert_close(check.run_form(op, "chunkwise", x, 19), par, "float64", "chunk T vs parallel")
-    testing.assert_close(check.run_form(op, "chunkwise", x, 1000), par, "float64", "chunk >T vs parallel")
+    rec = testing.run(op, "recurrent", x)
+    par = testing.run(op, "parallel", x)
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=1), rec, "float64", "chunk 1 vs recurrent")
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=19), par, "float64", "chunk T vs parallel")
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=1000), par, "float64", "chunk >T vs parallel")

@@ -3,7 +3,7 @@ attention matrix, zero step sizes, and the op-specific validation errors."""
 import numpy as np
 import pytest
 
-from linrec_ref import InputError, check, testing
+from linrec_ref import InputError, testing
 from linrec_ref.ops import mamba
 
 FORMS = ("recurrent", "parallel", "chunkwise")
@@ -87,26 +87,26 @@ def test_optional_inputs_match_the_peer_and_every_form(name):
     x_peer = {k: v for k, v in x.items() if k != "initial_state"}
     testing.assert_close(mamba.recurrent(**x_peer, output_final_state=True), run_peer(x_peer),
                          "float64", f"{name}: recurrent vs selective_scan_ref")
-    ref = check.run_form("mamba", "recurrent", x)
-    testing.assert_close(check.run_steps("mamba", x), ref, "float64", f"{name}: step loop")
+    ref = testing.run("mamba", "recurrent", x)
+    testing.assert_close(testing.run_steps("mamba", x), ref, "float64", f"{name}: step loop")
     for form in ("parallel", "chunkwise"):
-        testing.assert_close(check.run_form("mamba", form, x, 4), ref, "float64", f"{name}: {form}")
+        testing.assert_close(testing.run("mamba", form, x, chunk_size=4), ref, "float64", f"{name}: {form}")
 
 
 @pytest.mark.parametrize("name", COMBOS)
 def test_optional_inputs_gradients(name):
     x = combo_inputs(name, initial_state=True, seed=1)
     rng = np.random.default_rng(2)
-    do, dht = check.cotangents("mamba", *check.run_form("mamba", "recurrent", x), rng)
-    ref = check.run_vjp("mamba", "recurrent", x, do, dht)
+    do, dht = testing.cotangents(*testing.run("mamba", "recurrent", x), rng=rng)
+    ref = testing.vjp("mamba", "recurrent", x, do, dht)
     given = [n for n in mamba.SPEC.input_names if x.get(n) is not None] + ["initial_state"]
     assert [n for n in ref if ref[n] is not None] == given
     for form in ("parallel", "chunkwise"):
-        got = check.run_vjp("mamba", form, x, do, dht, 4)
+        got = testing.vjp("mamba", form, x, do, dht, chunk_size=4)
         testing.assert_close(got, ref, "float64", f"{form}_vjp")
 
     def loss(inp):
-        o, h = check.run_form("mamba", "recurrent", inp)
+        o, h = testing.run("mamba", "recurrent", inp)
         return testing.inner(do, o) + testing.inner(dht, h)
 
     for n, res in testing.fd_check(loss, x, ref, given, rng=rng).items():
@@ -117,16 +117,16 @@ def test_recurrent_vjp_over_several_checkpoint_blocks():
     """T = 150 crosses two boundaries of the reverse sweep's 64-step checkpoint blocks."""
     x = inputs("default", "slow_decay", T=150, initial_state=True, seed=4, B=1)
     rng = np.random.default_rng(5)
-    do, dht = check.cotangents("mamba", *check.run_form("mamba", "recurrent", x), rng)
-    ref = check.run_vjp("mamba", "recurrent", x, do, dht)
+    do, dht = testing.cotangents(*testing.run("mamba", "recurrent", x), rng=rng)
+    ref = testing.vjp("mamba", "recurrent", x, do, dht)
 
     def loss(inp):
-        o, h = check.run_form("mamba", "recurrent", inp)
+        o, h = testing.run("mamba", "recurrent", inp)
         return testing.inner(do, o) + testing.inner(dht, h)
 
     for n, res in testing.fd_check(loss, x, ref, list(ref), rng=rng, n_entries=2).items():
         assert res.ok, str(res)
-    testing.assert_close(check.run_vjp("mamba", "chunkwise", x, do, dht, 16), ref, "float64",
+    testing.assert_close(testing.vjp("mamba", "chunkwise", x, do, dht, chunk_size=16), ref, "float64",
                          "chunkwise_vjp")
 
 

@@ -11,7 +11,6 @@ import pytest
 import linrec_ref
 from linrec_ref import InputError, MemoryLimitError, registry, testing
 from linrec_ref._forms import estimate_quadratic_memory
-from linrec_ref.check import cotangents, run_form, run_vjp
 
 OPS = registry.available()
 
@@ -77,21 +76,21 @@ def test_attention_matrix_refusal_suggests_a_shorter_T():
 def test_every_quadratic_form_obeys_the_limit_and_the_others_do_not(op):
     spec = registry.spec(op)
     x = testing.make_inputs(op, T=8, initial_state=True)
-    o, ht = run_form(op, "parallel", x)                            # runs at the default limit
-    testing.assert_close((o, ht), run_form(op, "recurrent", x))
-    do, dht = cotangents(op, o, ht, np.random.default_rng(0))
+    o, ht = testing.run(op, "parallel", x)                            # runs at the default limit
+    testing.assert_close((o, ht), testing.run(op, "recurrent", x))
+    do, dht = testing.cotangents(o, ht, rng=np.random.default_rng(0))
     linrec_ref.set_memory_limit(1)
     with pytest.raises(MemoryLimitError, match=rf"{op}.parallel needs an estimated"):
-        run_form(op, "parallel", x)
+        testing.run(op, "parallel", x)
     with pytest.raises(MemoryLimitError, match=rf"{op}.parallel_vjp needs an estimated"):
-        run_vjp(op, "parallel", x, do, dht)
+        testing.vjp(op, "parallel", x, do, dht)
     if spec.has_attention_matrix:
         with pytest.raises(MemoryLimitError, match=rf"{op}.attention_matrix needs an estimated"):
             _attention_matrix(op, x)
     # memory linear in T: no limit applies
-    run_form(op, "recurrent", x)
-    run_form(op, "chunkwise", x, 4)
-    run_vjp(op, "chunkwise", x, do, dht, 4)
+    testing.run(op, "recurrent", x)
+    testing.run(op, "chunkwise", x, chunk_size=4)
+    testing.vjp(op, "chunkwise", x, do, dht, chunk_size=4)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -104,10 +103,10 @@ def test_estimate_is_not_below_the_measured_peak(op):
     if "K" in dims:
         dims["K"] = 16
     x = testing.make_inputs(op, initial_state=True, **dims)
-    o, ht = run_form(op, "recurrent", x)
-    do, dht = cotangents(op, o, ht, np.random.default_rng(0))
-    calls = {"parallel": lambda: run_form(op, "parallel", x),
-             "parallel_vjp": lambda: run_vjp(op, "parallel", x, do, dht)}
+    o, ht = testing.run(op, "recurrent", x)
+    do, dht = testing.cotangents(o, ht, rng=np.random.default_rng(0))
+    calls = {"parallel": lambda: testing.run(op, "parallel", x),
+             "parallel_vjp": lambda: testing.vjp(op, "parallel", x, do, dht)}
     if spec.has_attention_matrix:
         calls["attention_matrix"] = lambda: _attention_matrix(op, x)
     for form, call in calls.items():

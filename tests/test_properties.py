@@ -5,7 +5,7 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from linrec_ref import check, registry, testing  # noqa: E402
+from linrec_ref import registry, testing  # noqa: E402
 
 OPS = registry.available()
 
@@ -29,9 +29,9 @@ def problems(draw):
 def test_every_form_matches_the_loop_for_any_shape(p):
     x = testing.make_inputs(p["op"], p["regime"], seed=p["seed"], variant=p["variant"],
                             initial_state=p["with_state"], **p["dims"])
-    ref = check.run_form(p["op"], "recurrent", x)
-    testing.assert_close(check.run_form(p["op"], "parallel", x), ref, "float64", "parallel")
-    testing.assert_close(check.run_form(p["op"], "chunkwise", x, p["chunk"]), ref, "float64", "chunkwise")
+    ref = testing.run(p["op"], "recurrent", x)
+    testing.assert_close(testing.run(p["op"], "parallel", x), ref, "float64", "parallel")
+    testing.assert_close(testing.run(p["op"], "chunkwise", x, chunk_size=p["chunk"]), ref, "float64", "chunkwise")
 
 
 @settings(max_examples=30, deadline=None)
@@ -39,9 +39,9 @@ def test_every_form_matches_the_loop_for_any_shape(p):
 def test_every_backward_matches_the_loop_for_any_shape(p):
     x = testing.make_inputs(p["op"], p["regime"], seed=p["seed"], variant=p["variant"],
                             initial_state=p["with_state"], **p["dims"])
-    o, ht = check.run_form(p["op"], "recurrent", x)
-    do, dht = check.cotangents(p["op"], o, ht, np.random.default_rng(p["seed"]))
-    ref = {k: v for k, v in check.run_vjp(p["op"], "recurrent", x, do, dht).items() if v is not None}
+    o, ht = testing.run(p["op"], "recurrent", x)
+    do, dht = testing.cotangents(o, ht, rng=np.random.default_rng(p["seed"]))
+    ref = {k: v for k, v in testing.vjp(p["op"], "recurrent", x, do, dht).items() if v is not None}
     for form, chunk in (("parallel", None), ("chunkwise", p["chunk"])):
-        got = check.run_vjp(p["op"], form, x, do, dht, chunk)
+        got = testing.vjp(p["op"], form, x, do, dht, chunk_size=chunk)
         testing.assert_close({k: got[k] for k in ref}, ref, "float64", f"{form}_vjp")
