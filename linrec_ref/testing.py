@@ -442,10 +442,15 @@ def mlstm_condition(q, k, v, i, f, *, scale: Optional[float] = None, initial_sta
     q, k: [B, T, H, K]; v: [B, T, H, V]; i, f: [B, T, H]; initial_state: (C~_0, n~_0, m_0) or
     None; scale=None means K^-1/2. Returns an MlstmCondition of three [B, T, H] arrays.
     """
-    q, k, v, i, f = (np.asarray(x, np.float64) for x in (q, k, v, i, f))
-    B, T, H, K = q.shape
+    from ._forms import _prepare            # the op's own validation: shapes, dtypes, values
+    p = _prepare(registry.spec("mlstm"), dict(q=q, k=k, v=v, i=i, f=f, scale=scale,
+                                               initial_state=initial_state))
+    if isinstance(block, (bool, np.bool_)) or not isinstance(block, (int, np.integer)) or block < 1:
+        raise TypeError(f"mlstm_condition: argument 'block' must be an integer >= 1, got {block!r}")
+    q, k, v, i, f = (p.inputs[n].astype(np.float64) for n in ("q", "k", "v", "i", "f"))
+    B, T, H, _ = q.shape
     if T == 0:
         return MlstmCondition(*(np.zeros((B, 0, H)) for _ in MlstmCondition._fields))
-    scale = K ** -0.5 if scale is None else float(scale)
-    keys = mlstm_keys(k, v, i, f, initial_state, min(int(block), T))
-    return mlstm_queries(keys, scale * q)
+    state = initial_state if p.has_initial_state else None
+    keys = mlstm_keys(k, v, i, f, state, min(int(block), T))
+    return mlstm_queries(keys, p.scale * q)
