@@ -117,33 +117,6 @@ def reverse_chunk_carry(P: np.ndarray, local: np.ndarray, dht: np.ndarray):
     return dS_end, dS
 
 
-def reverse_sweep(advance: Callable, h0, T: int, visit: Callable, block: int = 64):
-    """Walk a recurrence backwards in time without storing all T states.
-
-    advance(S_prev, t) -> S_t is one step of the forward recurrence. After a forward pass,
-    visit(t, S_prev, S_t) is called for t = T-1, ..., 0 (the order a backward pass needs).
-
-    Memory: the state at the start of every block of ``block`` steps is kept (ceil(T/block)
-    states) and a block's states are recomputed when the sweep reaches it (block + 1 states),
-    so memory is O((T/block + block) * |S|), never O(T * |S|). Returns the final state S_T.
-    """
-    checkpoints: List = []
-    S = h0
-    for t0 in range(0, T, block):
-        checkpoints.append(S)
-        for t in range(t0, min(t0 + block, T)):
-            S = advance(S, t)
-    final = S
-    for b in reversed(range(len(checkpoints))):
-        t0, t1 = b * block, min((b + 1) * block, T)
-        states = [checkpoints[b]]
-        for t in range(t0, t1):
-            states.append(advance(states[-1], t))
-        for t in reversed(range(t0, t1)):
-            visit(t, states[t - t0], states[t - t0 + 1])
-    return final
-
-
 def reverse_steps(advance: Callable, h0, T: int, block: int = 64) -> Iterator[Tuple[int, object, object]]:
     """Walk a recurrence backwards in time without storing all T states.
 

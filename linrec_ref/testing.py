@@ -211,9 +211,15 @@ def assert_close(actual, reference, tier: str = "float64", name: str = "value") 
 
 
 # ------------------------------------------------------------------------- input generators
+def _op_name(op) -> str:
+    """An op given by name ("gla") or by its module (linrec_ref.ops.gla)."""
+    return op if isinstance(op, str) else op.SPEC.name
+
+
 def default_dims(op: str, **overrides) -> dict:
-    """The op's default sizes (B, T, H, K, V, ...) with overrides, e.g. default_dims("gla", T=64)."""
-    s = registry.spec(op)
+    """The op's default sizes (B, T, H, K, V, ...) with overrides, e.g. default_dims("gla", T=64).
+    op: a name or an ops module, here and in every function below."""
+    s = registry.spec(_op_name(op))
     dims = {"T": 16, **s.default_dims}
     dims.update(overrides)
     return dims
@@ -222,7 +228,7 @@ def default_dims(op: str, **overrides) -> dict:
 def random_state(op: str, dims: dict, dtype=np.float64, rng=None, scale: float = 1.0,
                  options: Optional[dict] = None):
     """A random state [N, ...] (tuple for tuple states) with N = dims["N"] or dims["B"]."""
-    s = registry.spec(op)
+    s = registry.spec(_op_name(op))
     state_args = s.state_args(options)
     rng = np.random.default_rng(0) if rng is None else rng
     sizes = dict(dims)
@@ -250,6 +256,7 @@ def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int
     dims override the op's default sizes (e.g. T=257). With initial_state=True a random
     ``initial_state`` is included. The variant's options are included too.
     """
+    op = _op_name(op)
     s = registry.spec(op)
     if regime not in s.regimes:
         raise ValueError(f"{op}: regime {regime!r} does not apply; its regimes are {s.regimes}")
@@ -265,11 +272,6 @@ def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int
 
 
 # ------------------------------------------------------------------ calling forms and vjps
-def _op_name(op) -> str:
-    """An op given by name ("gla") or by its module (linrec_ref.ops.gla)."""
-    return op if isinstance(op, str) else op.SPEC.name
-
-
 def run(op, form: str, inputs: dict, *, chunk_size: Optional[int] = None, **options):
     """(o, final_state) of a forward form of op (a name or an ops module) on ``inputs`` (a
     keyword dict such as make_inputs returns), with output_final_state=True.

@@ -18,30 +18,7 @@ VJPS = ("recurrent", "parallel", "chunkwise")
 GRADS = ("q", "k", "v", "a", "b", "w", "initial_state")
 
 
-def _inputs(T=13, B=2, H=2, K=5, V=4, regime="typical", seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(dtype))
-    x["initial_state"] = rng.standard_normal((B, H, K, V)).astype(dtype)
-    return x
-
-
-def _run(form, x, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(op, form)(**x, output_final_state=True, **kw)
-
-
-def _steps(x):
-    state, outs = x.get("initial_state"), []
-    names = ("q", "k", "v", "a", "b", "w")
-    for t in range(x["q"].shape[1]):
-        o_t, state = op.step(*(x[n][:, t] for n in names), state=state, scale=x.get("scale"))
-        outs.append(o_t)
-    return np.stack(outs, axis=1), state
-
-
-def _vjp(form, x, do, dht, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(op, form + "_vjp")(**x, do=do, dht=dht, **kw)
+DIMS = {"B": 2, "H": 2, "HV": 2, "K": 5, "V": 4}   # HV = H: v, a, b, w on the heads of q, k
 
 
 def _plain_loop(x, *, decayed_read):
@@ -69,17 +46,17 @@ def _plain_loop(x, *, decayed_read):
 def test_low_rank_term_reads_the_undecayed_state(form):
     """Every form equals the plain loop with a_t^T S_{t-1}, and differs (by far more than the
     tolerance) from the loop that reads the decayed state a_t^T diag(e^{w_t}) S_{t-1}."""
-    x = _inputs(T=9, regime="fast_forgetting")
-    got = _steps(x) if form == "step" else _run(form, x, C=4)
+    x = testing.make_inputs("dplr", "fast_forgetting", T=9, initial_state=True, **DIMS)
+    got = testing.run_steps(op, x) if form == "step" else testing.run(op, form, x, chunk_size=4)
     testing.assert_close(got, _plain_loop(x, decayed_read=False))
     wrong = testing.compare(got, _plain_loop(x, decayed_read=True))
     assert not wrong.ok and wrong.max_rel > 1e-2, str(wrong)
 
 
 def test_default_scale_is_inverse_sqrt_k():
-    x = _inputs(T=5, K=9)
-    testing.assert_close(_run("recurrent", x), _run("recurrent", dict(x, scale=9 ** -0.5)))
-    assert not testing.compare(_run("recurrent", x), _run("recurrent", dict(x, scale=1.0))).ok
+    x = testing.make_inputs("dplr", T=5, initial_state=True, **dict(DIMS, K=9))
+    testing.assert_close(testing.run(op, "recurrent", x), testing.run(op, "recurrent", x, scale=9 ** -0.5))
+    assert not testing.compare(testing.run(op, "recurrent", x), testing.run(op, "recurrent", x, scale=1.0)).ok
 
 
 # ----------------------------------------------------------------------------- identity with KDA
@@ -120,7 +97,7 @@ def _kda_loop(x):
 @pytest.mark.parametrize("regime", ["typical", "hard_reset"])
 def test_kda_mapping_equals_kda_loop(form, regime):
     kda_x, dplr_x = _kda_mapping(regime=regime)
-    got = _steps(dplr_x) if form == "step" else _run(form, dplr_x, C=3)
+    got = testing.run_steps(op, dplr_x) if form == "step" else testing.run(op, form, dplr_x, chunk_size=3)
     testing.assert_close(got, _kda_loop(kda_x))
 
 
@@ -129,29 +106,28 @@ def test_kda_mapping_equals_kda_loop(form, regime):
 def test_kda_mapping_equals_kda_op(form):
     from linrec_ref.ops import kda
     kda_x, dplr_x = _kda_mapping(regime="hard_reset")
-    kw = {"chunk_size": 4} if form == "chunkwise" else {}
-    ref = getattr(kda, form)(**kda_x, output_final_state=True, **kw)
-    testing.assert_close(_run(form, dplr_x, C=4), ref)
+    ref = testing.run(kda, form, kda_x, chunk_size=4)
+    testing.assert_close(testing.run(op, form, dplr_x, chunk_size=4), ref)
 
 
 # ----------------------------------------------------------------------------- chunk identities
 @pytest.mark.parametrize("regime", ["typical", "hard_reset"])
 def test_chunk_size_one_is_recurrent_and_chunk_ge_T_is_parallel(regime):
-    x = _inputs(T=10, regime=regime)
-    testing.assert_close(_run("chunkwise", x, C=1), _run("recurrent", x))
-    testing.assert_close(_run("chunkwise", x, C=10), _run("parallel", x))
-    testing.assert_close(_run("chunkwise", x, C=50), _run("parallel", x))
-    rng = np.random.default_rng(3)
-    o, ht = _run("recurrent", x)
-    do, dht = rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
-    testing.assert_close(_vjp("chunkwise", x, do, dht, C=1), _vjp("recurrent", x, do, dht))
-    testing.assert_close(_vjp("chunkwise", x, do, dht, C=10), _vjp("parallel", x, do, dht))
+    x = testing.make_inputs("dplr", regime, T=10, initial_state=True, **DIMS)
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=1), testing.run(op, "recurrent", x))
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=10), testing.run(op, "parallel", x))
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=50), testing.run(op, "parallel", x))
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x), seed=3)
+    testing.assert_close(testing.vjp(op, "chunkwise", x, do, dht, chunk_size=1),
+                         testing.vjp(op, "recurrent", x, do, dht))
+    testing.assert_close(testing.vjp(op, "chunkwise", x, do, dht, chunk_size=10),
+                         testing.vjp(op, "parallel", x, do, dht))
 
 
 def test_chunk_intermediates_match_the_recurrence():
     """S_in are the states at chunk starts; X the low-rank reads a_t^T S_{t-1}; A_inv inverts
     I - Wab; P S_in + U is the next chunk's S_in."""
-    x = _inputs(T=11, B=1, H=2)
+    x = testing.make_inputs("dplr", T=11, initial_state=True, **dict(DIMS, B=1))
     C = 4
     names = ("q", "k", "v", "a", "b", "w")
     scale = 5 ** -0.5
@@ -178,14 +154,13 @@ def test_chunk_intermediates_match_the_recurrence():
 def test_factored_and_exact_decay_paths_agree(regime):
     """fast_bound=inf factors every chunk (no -inf here), fast_bound=0 takes the exact segment
     sums everywhere; forward and backward agree."""
-    x = _inputs(T=16, regime=regime)
+    x = testing.make_inputs("dplr", regime, T=16, initial_state=True, **DIMS)
     arrays = [x[n] for n in ("q", "k", "v", "a", "b", "w")]
     kw = dict(scale=0.4, initial_state=x["initial_state"], chunk_size=8)
     fast = _dplr.chunked_forward(*arrays, fast_bound=np.inf, **kw)
     exact = _dplr.chunked_forward(*arrays, fast_bound=0.0, **kw)
     testing.assert_close(fast, exact)
-    rng = np.random.default_rng(5)
-    do, dht = rng.standard_normal(fast[0].shape), rng.standard_normal(fast[1].shape)
+    do, dht = testing.cotangents(*fast, seed=5)
     testing.assert_close(_dplr.chunked_vjp(*arrays, do=do, dht=dht, fast_bound=np.inf, **kw),
                          _dplr.chunked_vjp(*arrays, do=do, dht=dht, fast_bound=0.0, **kw))
 
@@ -194,11 +169,10 @@ def test_factored_and_exact_decay_paths_agree(regime):
 @pytest.mark.parametrize("form", VJPS)
 def test_hard_reset_gradient_is_exactly_zero(form):
     """dw = exp(w) * (...) is exactly 0 where w = -inf, in every backward; no NaN anywhere."""
-    x = _inputs(T=12, regime="hard_reset")
+    x = testing.make_inputs("dplr", "hard_reset", T=12, initial_state=True, **DIMS)
     assert np.isneginf(x["w"]).any()
-    rng = np.random.default_rng(2)
-    o, ht = _run("recurrent", x)
-    g = _vjp(form, x, rng.standard_normal(o.shape), rng.standard_normal(ht.shape), C=5)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x), seed=2)
+    g = testing.vjp(op, form, x, do, dht, chunk_size=5)
     assert all(np.isfinite(g[n]).all() for n in GRADS)
     assert np.all(g["w"][np.isneginf(x["w"])] == 0)
 
@@ -207,23 +181,23 @@ def test_hard_reset_gradient_is_exactly_zero(form):
 def test_low_rank_term_crosses_a_full_reset(form):
     """w = -inf on every channel at step r clears the diagonal part only: S_r = b_r (a_r^T S_{r-1})
     + k_r v_r^T, so with a_r = 0 the state restarts exactly and with a_r != 0 it does not."""
-    x = _inputs(T=8, regime="typical")
+    x = testing.make_inputs("dplr", "typical", T=8, initial_state=True, **DIMS)
     x["w"][:, 4] = -np.inf
     ref = _plain_loop(x, decayed_read=False)
-    testing.assert_close(_run(form, x, C=3), ref)
+    testing.assert_close(testing.run(op, form, x, chunk_size=3), ref)
     cleared = {n: (v.copy() if isinstance(v, np.ndarray) else v) for n, v in x.items()}
     cleared["a"][:, 4] = 0
     later = dict(cleared, **{n: cleared[n][:, 4:] for n in ("q", "k", "v", "a", "b", "w")})
     later["initial_state"] = np.zeros_like(x["initial_state"])
-    o_full, ht_full = _run(form, cleared, C=3)
-    o_later, ht_later = _run(form, later, C=3)                    # the state before step 4 is gone
+    o_full, ht_full = testing.run(op, form, cleared, chunk_size=3)
+    o_later, ht_later = testing.run(op, form, later, chunk_size=3)                   # the state before step 4 is gone
     testing.assert_close((o_full[:, 4:], ht_full), (o_later, ht_later))
     assert not testing.compare(ref[0][:, 4:], o_later).ok
 
 
 # ----------------------------------------------------------------------------- attention matrix
 def test_attention_matrix_maps_v_to_o():
-    x = _inputs(T=9, regime="hard_reset")
+    x = testing.make_inputs("dplr", "hard_reset", T=9, initial_state=True, **DIMS)
     x0 = dict(x, initial_state=None)
     M = op.attention_matrix(x["q"], x["k"], x["a"], x["b"], x["w"])   # [B, H, T, T]
     o, _ = op.parallel(**x0)
@@ -233,14 +207,14 @@ def test_attention_matrix_maps_v_to_o():
 
 # ----------------------------------------------------------------------------- validation
 def test_positive_log_decay_is_rejected():
-    x = _inputs(T=4)
+    x = testing.make_inputs("dplr", T=4, initial_state=True, **DIMS)
     x["w"][0, 1, 0, 2] = 0.1
     with pytest.raises(InputError, match="'w'"):
         op.recurrent(**x)
 
 
 def test_shape_mismatch_of_a_is_rejected():
-    x = _inputs(T=4)
+    x = testing.make_inputs("dplr", T=4, initial_state=True, **DIMS)
     x["a"] = x["a"][..., :3]
     with pytest.raises(InputError, match="'a'"):
         op.chunkwise(**x)
@@ -248,14 +222,14 @@ def test_shape_mismatch_of_a_is_rejected():
 
 def test_value_heads_must_match():
     """No grouped heads in dplr: v must have the H heads of q, k, a, b, w."""
-    x = _inputs(T=4, H=2)
+    x = testing.make_inputs("dplr", T=4, initial_state=True, **DIMS)
     x["v"] = np.concatenate([x["v"], x["v"]], axis=2)
     with pytest.raises(InputError, match="'v'"):
         op.parallel(**x)
 
 
 def test_nan_in_b_is_rejected():
-    x = _inputs(T=4)
+    x = testing.make_inputs("dplr", T=4, initial_state=True, **DIMS)
     x["b"][0, 0, 0, 0] = np.nan
     with pytest.raises(InputError, match="'b'"):
         op.recurrent_vjp(**x, do=np.zeros(x["v"].shape))

@@ -12,20 +12,6 @@ REGIMES = tuple(testing.DECAY_REGIMES)
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
-def _run(fn, x, **kw):
-    return fn(**x, output_final_state=True, **kw)
-
-
-def _grads(form, x, do, dht, **kw):
-    return getattr(gla, form + "_vjp")(**x, do=do, dht=dht, **kw)
-
-
-def _cotangents(x, seed=1):
-    rng = np.random.default_rng(seed)
-    N, H, K, V = x["q"].shape[0], x["q"].shape[2], x["q"].shape[3], x["v"].shape[3]
-    return rng.standard_normal(x["v"].shape), rng.standard_normal((N, H, K, V))
-
-
 def _core_inputs(x):
     """Inputs of gla's dense cores (initial state materialised, scale resolved)."""
     B, _, H, K = x["q"].shape
@@ -43,13 +29,12 @@ def test_gate_constant_over_k_is_simple_gla(regime):
     xs = testing.make_inputs("simple_gla", regime, T=37, initial_state=True, seed=3)
     K = xs["q"].shape[-1]
     xg = dict(xs, g=np.repeat(xs["g"][..., None], K, axis=-1))
-    do, dht = _cotangents(xs)
+    do, dht = testing.cotangents(*testing.run(simple_gla, "recurrent", xs))
     for form in FORMS:
-        kw = {"chunk_size": 8} if form == "chunkwise" else {}
-        want = _run(getattr(simple_gla, form), xs, **kw)
-        testing.assert_close(_run(getattr(gla, form), xg, **kw), want, "float64", form)
-        gs = getattr(simple_gla, form + "_vjp")(**xs, do=do, dht=dht, **kw)
-        gg = _grads(form, xg, do, dht, **kw)
+        want = testing.run(simple_gla, form, xs, chunk_size=8)
+        testing.assert_close(testing.run(gla, form, xg, chunk_size=8), want, "float64", form)
+        gs = testing.vjp(simple_gla, form, xs, do, dht, chunk_size=8)
+        gg = testing.vjp(gla, form, xg, do, dht, chunk_size=8)
         assert gg["gv"] is None
         for name in ("q", "k", "v", "initial_state"):
             testing.assert_close(gg[name], gs[name], "float64", f"{form} d{name}")
@@ -73,13 +58,12 @@ def test_scalar_key_and_value_gates_combine_into_simple_gla(regime):
     g_k[np.isneginf(xs["g"])] = -np.inf                                # a reset on the key side only
     K, V = xs["q"].shape[-1], xs["v"].shape[-1]
     xg = dict(xs, g=np.repeat(g_k[..., None], K, -1), gv=np.repeat(g_v[..., None], V, -1))
-    do, dht = _cotangents(xs)
+    do, dht = testing.cotangents(*testing.run(simple_gla, "recurrent", xs))
     for form in FORMS:
-        kw = {"chunk_size": 6} if form == "chunkwise" else {}
-        testing.assert_close(_run(getattr(gla, form), xg, **kw),
-                             _run(getattr(simple_gla, form), xs, **kw), "float64", form)
-        gs = getattr(simple_gla, form + "_vjp")(**xs, do=do, dht=dht, **kw)
-        gg = _grads(form, xg, do, dht, **kw)
+        testing.assert_close(testing.run(gla, form, xg, chunk_size=6),
+                             testing.run(simple_gla, form, xs, chunk_size=6), "float64", form)
+        gs = testing.vjp(simple_gla, form, xs, do, dht, chunk_size=6)
+        gg = testing.vjp(gla, form, xg, do, dht, chunk_size=6)
         finite = ~np.isneginf(xs["g"])                                 # d/dg is 0 at a reset
         testing.assert_close(np.where(finite, gg["g"].sum(-1), 0), np.where(finite, gs["g"], 0),
                              "float64", f"{form} dg")
@@ -90,12 +74,13 @@ def test_scalar_key_and_value_gates_combine_into_simple_gla(regime):
 @pytest.mark.parametrize("form", FORMS)
 def test_zero_value_gate_equals_no_value_gate(form):
     x = testing.make_inputs("gla", "typical", T=21, variant="value_gate", initial_state=True)
-    kw = {"chunk_size": 5} if form == "chunkwise" else {}
     x0 = dict(x, gv=np.zeros_like(x["gv"]))
     x_none = {k: v for k, v in x.items() if k != "gv"}
-    testing.assert_close(_run(getattr(gla, form), x0, **kw), _run(getattr(gla, form), x_none, **kw))
-    do, dht = _cotangents(x)
-    g0, gn = _grads(form, x0, do, dht, **kw), _grads(form, x_none, do, dht, **kw)
+    o_none = testing.run(gla, form, x_none, chunk_size=5)
+    testing.assert_close(testing.run(gla, form, x0, chunk_size=5), o_none)
+    do, dht = testing.cotangents(*o_none)
+    g0 = testing.vjp(gla, form, x0, do, dht, chunk_size=5)
+    gn = testing.vjp(gla, form, x_none, do, dht, chunk_size=5)
     assert gn["gv"] is None and g0["gv"].shape == x["gv"].shape
     testing.assert_close({k: g0[k] for k in ("q", "k", "v", "g", "initial_state")},
                          {k: gn[k] for k in ("q", "k", "v", "g", "initial_state")}, "float64", form)
@@ -103,7 +88,7 @@ def test_zero_value_gate_equals_no_value_gate(form):
 
 def test_value_gate_step_decoding_equals_recurrent():
     x = testing.make_inputs("gla", "hard_reset", T=17, variant="value_gate", initial_state=True)
-    o_ref, S_ref = _run(gla.recurrent, x)
+    o_ref, S_ref = testing.run(gla, "recurrent", x)
     S = x["initial_state"]
     for t in range(17):
         o_t, S = gla.step(*(x[n][:, t] for n in ("q", "k", "v", "g", "gv")), state=S)
@@ -119,9 +104,9 @@ def test_both_chunkwise_paths_agree_with_recurrent(regime, variant, path):
     """fast_bound=inf factors every chunk without a -inf gate, 0 makes every chunk exact."""
     bound = {"fast": np.inf, "exact": 0.0, "auto": None}[path]
     x = testing.make_inputs("gla", regime, T=45, variant=variant, initial_state=True, seed=11)
-    do, dht = _cotangents(x)
-    want = _run(gla.recurrent, x)
-    want_grads = _grads("recurrent", x, do, dht)
+    want = testing.run(gla, "recurrent", x)
+    do, dht = testing.cotangents(*want)
+    want_grads = testing.vjp(gla, "recurrent", x, do, dht)
     cx = _core_inputs(x)
     for C in (1, 4, 16, 45):
         got = gla.chunked_forward(**cx, chunk_size=C, fast_bound=bound)
@@ -150,7 +135,7 @@ def test_fast_path_at_its_bound_matches_the_float64_reference(dtype):
     bound = _decay.FAST_BOUND[np.dtype(dtype)]
     x = testing.make_inputs("gla", "typical", T=96, K=8, V=4, initial_state=True, seed=2)
     x["g"][..., 0] = -(bound - 1) / C                                # channel 0 spans the range
-    want = _run(gla.recurrent, x)
+    want = testing.run(gla, "recurrent", x)
     xd = {k: v.astype(dtype) for k, v in x.items()}
     assert _decay.chunk_decay(to_chunks(xd["g"], C)).fast.all()
     for fb in (None, 0.0):
@@ -220,7 +205,7 @@ def test_strict_core_reads_before_the_update(regime, variant):
     x = testing.make_inputs("gla", regime, T=19, variant=variant, initial_state=True, seed=4)
     cx = _core_inputs(x)
     want = _read_before_update_loop(**cx)
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*want)
     for C in (1, 5, 19):
         for bound in (None, 0.0):
             got = gla.chunked_forward(**cx, chunk_size=C, strict=True, fast_bound=bound)
@@ -247,17 +232,15 @@ def test_per_channel_hard_reset_forgets_only_that_channel(form):
     r, c = 9, 3
     x["g"][:, r, :, c] = -np.inf
     x["q"][:, r:, :, :c] = x["q"][:, r:, :, c + 1:] = 0      # later reads use channel c only
-    kw = {"chunk_size": 4} if form == "chunkwise" else {}
-    fn = getattr(gla, form)
-    o, _ = fn(**x, **kw)
+    o, _ = testing.run(gla, form, x, chunk_size=4)
     y = {k: v.copy() for k, v in x.items()}
     y["k"][:, :r, :, c] = 7.0                                   # channel c's past writes: anything
     y["initial_state"][:, :, c] *= 100
-    o2, _ = fn(**y, **kw)
+    o2, _ = testing.run(gla, form, y, chunk_size=4)
     testing.assert_close(o2[:, r:], o[:, r:], "float64", "outputs after the reset")
     do = np.zeros_like(o)
     do[:, r:] = 1
-    grads = getattr(gla, form + "_vjp")(**x, do=do, **kw)
+    grads = testing.vjp(gla, form, x, do, chunk_size=4)
     assert all(np.isfinite(v).all() for v in grads.values() if v is not None)
     assert np.all(grads["k"][:, :r, :, c] == 0) and np.all(grads["initial_state"][:, :, c] == 0)
     assert np.all(grads["g"][:, :r + 1, :, c] == 0)            # incl. the -inf entry itself
@@ -276,55 +259,49 @@ def test_attention_matrix_maps_v_to_o_and_takes_no_value_gate():
 def test_float32_chunkwise_matches_the_float64_reference_on_both_paths():
     x = testing.make_inputs("gla", "fast_forgetting", T=130, variant="value_gate",
                             dtype=np.float32, initial_state=True, seed=9)
-    want = _run(gla.recurrent, testing.as_float64(x))
+    want = testing.run(gla, "recurrent", testing.as_float64(x))
     for C in (16, 64):                                          # range ~30 (fast), ~120 (exact)
-        got = _run(gla.chunkwise, x, chunk_size=C)
+        got = testing.run(gla, "chunkwise", x, chunk_size=C)
         assert got[0].dtype == np.float32 and got[1].dtype == np.float32
         testing.assert_close(got, want, "float32", f"C={C}")
 
 
 # ------------------------------------------------------------------------------ validation
-def _x(**over):
-    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
-    x.update(over)
-    return x
-
-
 def test_value_gate_with_the_wrong_value_size_is_rejected():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     with pytest.raises(InputError, match=r"'gv'.*V=5.*V=6"):
-        gla.chunkwise(**_x(gv=x["gv"][..., :5]))
+        gla.chunkwise(**dict(x, gv=x["gv"][..., :5]))
 
 
 def test_value_gate_given_on_the_key_size_is_rejected():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     bad = np.zeros(x["q"].shape)                                 # [B, T, H, K] with K = 8 != V = 6
     with pytest.raises(InputError, match="'gv'"):
-        gla.recurrent(**_x(gv=bad))
+        gla.recurrent(**dict(x, gv=bad))
 
 
 def test_positive_value_gate_is_rejected_as_not_a_log_decay():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     gv = x["gv"].copy()
     gv[0, 2, 1, 3] = 0.5
     with pytest.raises(InputError, match=r"'gv' is a log decay.*index \(0, 2, 1, 3\)"):
-        gla.parallel(**_x(gv=gv))
+        gla.parallel(**dict(x, gv=gv))
 
 
 def test_scalar_gate_passed_to_gla_is_rejected():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     with pytest.raises(InputError, match=r"'g' must have shape \[B, T, H, K\]"):
-        gla.recurrent(**_x(g=x["g"][..., 0]))
+        gla.recurrent(**dict(x, g=x["g"][..., 0]))
 
 
 def test_value_gate_dtype_must_match():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     with pytest.raises(InputError, match=r"'gv' has dtype float32"):
-        gla.chunkwise_vjp(**_x(gv=x["gv"].astype(np.float32)), do=np.ones_like(x["v"]))
+        gla.chunkwise_vjp(**dict(x, gv=x["gv"].astype(np.float32)), do=np.ones_like(x["v"]))
 
 
 def test_value_gate_step_with_a_time_axis_is_rejected():
-    x = _x()
+    x = testing.make_inputs("gla", "typical", T=6, variant="value_gate")
     token = {n: x[n][:, 0] for n in ("q", "k", "v", "g")}
     with pytest.raises(InputError, match="'gv'"):
         gla.step(**token, gv=x["gv"])                           # [B, T, H, V] instead of [B, H, V]

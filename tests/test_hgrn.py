@@ -18,11 +18,6 @@ CHUNK_SIZES = {"recurrent": (None,), "parallel": (None,), "chunkwise": (1, 5, 16
 CASES = [(f, C) for f in FORMS for C in CHUNK_SIZES[f]]
 
 
-def _call(name, C=None, **kw):
-    fn = getattr(hgrn, name)
-    return fn(**kw, chunk_size=C) if C is not None else fn(**kw)
-
-
 def _reset_inputs(T=37, seed=0):
     """hard_reset inputs with an initial state; r = T // 2 is always a reset step (g_r = -inf)."""
     x = testing.make_inputs("hgrn", "hard_reset", T=T, seed=seed, initial_state=True)
@@ -46,8 +41,8 @@ def _with_other_past(x, r, seed=1):
 def test_hard_reset_forgets_the_past_exactly(form, C):
     """After a reset the output depends only on later x: bitwise, in every form (no NaN)."""
     x, r = _reset_inputs()
-    o1, h1 = _call(form, C, **x, output_final_state=True)
-    o2, h2 = _call(form, C, **_with_other_past(x, r), output_final_state=True)
+    o1, h1 = testing.run(hgrn, form, x, chunk_size=C)
+    o2, h2 = testing.run(hgrn, form, _with_other_past(x, r), chunk_size=C)
     assert np.all(np.isfinite(o1))
     assert np.array_equal(o1[:, r:], o2[:, r:]) and np.array_equal(h1, h2)
     assert not np.array_equal(o1[:, :r], o2[:, :r])  # the perturbation did change the past
@@ -59,9 +54,9 @@ def test_hard_reset_forgets_the_past_exactly(form, C):
 def test_hard_reset_equals_a_fresh_start(form, C):
     """The suffix from a reset, run alone from any initial state, gives the same outputs."""
     x, r = _reset_inputs()
-    o, hT = _call(form, C, **x, output_final_state=True)
+    o, hT = testing.run(hgrn, form, x, chunk_size=C)
     suffix = {"x": x["x"][:, r:], "g": x["g"][:, r:]}
-    o_s, hT_s = _call(form, C, **suffix, output_final_state=True)  # zero initial state
+    o_s, hT_s = testing.run(hgrn, form, suffix, chunk_size=C)  # zero initial state
     assert_close((o_s, hT_s), (o[:, r:], hT), name=f"{form} suffix after reset")
 
 
@@ -70,22 +65,20 @@ def test_hard_reset_gradients_are_exact(form, C):
     """Cotangents only after the reset give exactly zero gradient before it (dx, dg, dh0), and
     dg is exactly zero at every reset step whatever the cotangent."""
     x, r = _reset_inputs()
-    rng = np.random.default_rng(3)
-    do = rng.standard_normal(x["x"].shape)
-    dht = rng.standard_normal(x["initial_state"].shape)
-    grads = _call(form + "_vjp", C, **x, do=do, dht=dht)
+    do, dht = testing.cotangents(*testing.run(hgrn, "recurrent", x), seed=3)
+    grads = testing.vjp(hgrn, form, x, do, dht, chunk_size=C)
     assert all(np.all(np.isfinite(v)) for v in grads.values())
     assert np.all(grads["g"][np.isneginf(x["g"])] == 0)
 
     do_late = do.copy()
     do_late[:, :r] = 0
-    late = _call(form + "_vjp", C, **x, do=do_late, dht=dht)
+    late = testing.vjp(hgrn, form, x, do_late, dht, chunk_size=C)
     assert np.all(late["x"][:, :r] == 0)
     assert np.all(late["g"][:, :r + 1] == 0)
     assert np.all(late["initial_state"] == 0)
     # ... and after the reset they equal the gradients of the suffix alone
     suffix = {"x": x["x"][:, r:], "g": x["g"][:, r:]}
-    g_s = _call(form + "_vjp", C, **suffix, do=do[:, r:], dht=dht)
+    g_s = testing.vjp(hgrn, form, suffix, do[:, r:], dht, chunk_size=C)
     assert_close({"x": late["x"][:, r:], "g": late["g"][:, r + 1:]},
                  {"x": g_s["x"], "g": g_s["g"][:, 1:]}, name=f"{form}_vjp suffix after reset")
 
@@ -96,11 +89,9 @@ def test_gate_identity(regime):
     """dg_t = sum_{u>=t} (o_u do_u - x_u dx_u) + h_T dht: the identity chunked kernels use,
     checked against the recurrent (direct-formula) backward."""
     x = testing.make_inputs("hgrn", regime, T=50, seed=4, initial_state=True)
-    rng = np.random.default_rng(5)
-    do = rng.standard_normal(x["x"].shape)
-    dht = rng.standard_normal(x["initial_state"].shape)
-    o, hT = hgrn.recurrent(**x, output_final_state=True)
-    grads = hgrn.recurrent_vjp(**x, do=do, dht=dht)
+    o, hT = testing.run(hgrn, "recurrent", x)
+    do, dht = testing.cotangents(o, hT, seed=5)
+    grads = testing.vjp(hgrn, "recurrent", x, do, dht)
     dG = o * do - x["x"] * grads["x"]                               # [B, T, D]
     dG[:, -1] += hT * dht
     assert_close(reverse_cumsum(dG, axis=1), grads["g"], name="gate identity")
@@ -126,25 +117,20 @@ def test_equals_simple_gla_with_one_head_per_channel():
     o_s, h_s = simple_gla.recurrent(ones, ones, x["x"][..., None], x["g"], scale=1.0,
                                     initial_state=x["initial_state"][..., None, None],
                                     output_final_state=True)
-    o, h = hgrn.chunkwise(**x, chunk_size=8, output_final_state=True)
+    o, h = testing.run(hgrn, "chunkwise", x, chunk_size=8)
     assert_close((o, h), (o_s[..., 0], h_s[..., 0, 0]), name="hgrn vs simple_gla")
 
 
 # ------------------------------------------------------------------------------ chunkwise paths
-def _cotangents(x, seed=12):
-    rng = np.random.default_rng(seed)
-    return rng.standard_normal(x["x"].shape), rng.standard_normal(x["initial_state"].shape)
-
-
 @pytest.mark.parametrize("regime", hgrn.SPEC.regimes)
 @pytest.mark.parametrize("path", ["fast", "exact", "auto"])
 def test_both_chunkwise_paths_agree_with_recurrent(regime, path):
     """fast_bound=inf factors every chunk without a -inf gate, 0 makes every chunk exact."""
     bound = {"fast": np.inf, "exact": 0.0, "auto": None}[path]
     x = testing.make_inputs("hgrn", regime, T=45, initial_state=True, seed=11)
-    do, dht = _cotangents(x)
-    want = hgrn.recurrent(**x, output_final_state=True)
-    want_grads = hgrn.recurrent_vjp(**x, do=do, dht=dht)
+    want = testing.run(hgrn, "recurrent", x)
+    do, dht = testing.cotangents(*want, seed=12)
+    want_grads = testing.vjp(hgrn, "recurrent", x, do, dht)
     for C in (1, 4, 16, 45):
         got = hgrn.chunked_forward(**x, chunk_size=C, fast_bound=bound)
         assert_close(got, want, "float64", f"{path} forward C={C}")
@@ -164,9 +150,9 @@ def test_the_path_is_chosen_per_channel_chunk(dtype):
     want_fast = np.ones((1, 6, 4), dtype=bool)
     want_fast[0, 2, :] = want_fast[0, 4, 1] = False
     assert np.array_equal(fast, want_fast)                          # typical: range ~ 64 * 0.27
-    do, dht = _cotangents(x)
-    want = hgrn.recurrent(**x, output_final_state=True)
-    want_grads = hgrn.recurrent_vjp(**x, do=do, dht=dht)
+    want = testing.run(hgrn, "recurrent", x)
+    do, dht = testing.cotangents(*want, seed=12)
+    want_grads = testing.vjp(hgrn, "recurrent", x, do, dht)
     xd = {k: v.astype(dtype) for k, v in x.items()}
     tier = testing.tier_for(dtype)
     got = hgrn.chunked_forward(**xd, chunk_size=C)
@@ -187,12 +173,12 @@ def test_float32_factored_path_at_the_bound():
     x32 = {k: v.astype(np.float32) for k, v in x.items()}
     d = _decay.chunk_decay(hgrn._channel_chunks(x32["g"], C))
     assert d.fast.all() and np.max(-np.log(d.total)) > 0.9 * bound
-    do, dht = _cotangents(x)
-    assert_close(hgrn.chunked_forward(**x32, chunk_size=C),
-                 hgrn.recurrent(**x, output_final_state=True), "float32", "forward")
+    want = testing.run(hgrn, "recurrent", x)
+    do, dht = testing.cotangents(*want, seed=12)
+    assert_close(hgrn.chunked_forward(**x32, chunk_size=C), want, "float32", "forward")
     assert_close(hgrn.chunked_vjp(**x32, do=do.astype(np.float32), dht=dht.astype(np.float32),
                                   chunk_size=C),
-                 hgrn.recurrent_vjp(**x, do=do, dht=dht), "float32", "vjp")
+                 testing.vjp(hgrn, "recurrent", x, do, dht), "float32", "vjp")
 
 
 # ------------------------------------------------------------------------------ validation

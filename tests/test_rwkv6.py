@@ -37,7 +37,7 @@ def _definition(r, k, v, w, u, scale, S0):
 def test_recurrent_is_the_definition(regime):
     x = testing.make_inputs("rwkv6", regime, T=13, initial_state=True, seed=1)
     scale = x["r"].shape[-1] ** -0.5                      # scale=None means K^-1/2
-    o, ht = rwkv6.recurrent(**x, output_final_state=True)
+    o, ht = testing.run(rwkv6, "recurrent", x)
     o_def, ht_def = _definition(x["r"], x["k"], x["v"], x["w"], x["u"], scale, x["initial_state"])
     testing.assert_close(o, o_def, name="o")
     testing.assert_close(ht, ht_def, name="final state")
@@ -65,7 +65,7 @@ def test_first_token_reads_only_the_initial_state_and_the_bonus():
 
 def test_step_decodes_like_the_recurrent_form():
     x = testing.make_inputs("rwkv6", "hard_reset", T=9, initial_state=True, seed=3)
-    o, ht = rwkv6.recurrent(**x, output_final_state=True)
+    o, ht = testing.run(rwkv6, "recurrent", x)
     S = x["initial_state"]
     for t in range(9):
         o_t, S = rwkv6.step(*(x[n][:, t] for n in "rkvw"), x["u"], S)
@@ -96,13 +96,12 @@ def test_without_bonus_rwkv6_is_gla_read_one_step_earlier(form, regime):
     step with (k_T, v_T, w_T) from it gives rwkv6's final state S_T."""
     x = testing.make_inputs("rwkv6", regime, T=19, initial_state=True, seed=12)
     x["u"] = np.zeros_like(x["u"])
-    kw = {"chunk_size": 5} if form == "chunkwise" else {}
-    o, ht = getattr(rwkv6, form)(**x, output_final_state=True, **kw)
+    o, ht = testing.run(rwkv6, form, x, chunk_size=5)
     o_gla, h_gla = gla.recurrent(x["r"], _shift(x["k"]), _shift(x["v"]), _shift(x["w"]),
                                  initial_state=x["initial_state"], output_final_state=True)
     testing.assert_close(o, o_gla, name="o vs gla on shifted inputs")
-    _, h_before_last = rwkv6.recurrent(**{n: (a[:, :-1] if n in "rkvw" else a) for n, a in x.items()},
-                                       output_final_state=True)
+    _, h_before_last = testing.run(rwkv6, "recurrent",
+                                   {n: (a[:, :-1] if n in "rkvw" else a) for n, a in x.items()})
     testing.assert_close(h_gla, h_before_last, name="gla final state = S_{T-1}")
     _, h_last = gla.step(x["r"][:, -1], x["k"][:, -1], x["v"][:, -1], x["w"][:, -1], state=h_gla)
     testing.assert_close(ht, h_last, name="S_T = one gla step from S_{T-1}")
@@ -132,23 +131,19 @@ def test_split_and_carry_with_the_bonus(form, regime):
     two halves' du (u is shared by all tokens), with the second half's dS_0 as the first's dht."""
     T, cut = 23, 10
     x = testing.make_inputs("rwkv6", regime, T=T, initial_state=True, seed=5)
-    kw = {"chunk_size": 4} if form == "chunkwise" else {}
-    fwd = getattr(rwkv6, form)
-    vjp = getattr(rwkv6, form + "_vjp")
     first = {n: (a[:, :cut] if n in "rkvw" else a) for n, a in x.items()}
     second = {n: (a[:, cut:] if n in "rkvw" else a) for n, a in x.items()}
 
-    o, ht = fwd(**x, output_final_state=True, **kw)
-    o1, h1 = fwd(**first, output_final_state=True, **kw)
-    o2, h2 = fwd(**{**second, "initial_state": h1}, output_final_state=True, **kw)
+    o, ht = testing.run(rwkv6, form, x, chunk_size=4)
+    o1, h1 = testing.run(rwkv6, form, first, chunk_size=4)
+    o2, h2 = testing.run(rwkv6, form, {**second, "initial_state": h1}, chunk_size=4)
     testing.assert_close(np.concatenate([o1, o2], axis=1), o, name="o")
     testing.assert_close(h2, ht, name="final state")
 
-    rng = np.random.default_rng(6)
-    do, dht = rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
-    g = vjp(**x, do=do, dht=dht, **kw)
-    g2 = vjp(**{**second, "initial_state": h1}, do=do[:, cut:], dht=dht, **kw)
-    g1 = vjp(**first, do=do[:, :cut], dht=g2["initial_state"], **kw)
+    do, dht = testing.cotangents(o, ht, seed=6)
+    g = testing.vjp(rwkv6, form, x, do, dht, chunk_size=4)
+    g2 = testing.vjp(rwkv6, form, {**second, "initial_state": h1}, do[:, cut:], dht, chunk_size=4)
+    g1 = testing.vjp(rwkv6, form, first, do[:, :cut], g2["initial_state"], chunk_size=4)
     testing.assert_close(g1["u"] + g2["u"], g["u"], name="du")
     testing.assert_close(g1["initial_state"], g["initial_state"], name="d initial_state")
     for n in "rkvw":
@@ -158,15 +153,13 @@ def test_split_and_carry_with_the_bonus(form, regime):
 @pytest.mark.parametrize("regime", REGIMES)
 def test_recurrent_vjp_matches_finite_differences(regime):
     x = testing.make_inputs("rwkv6", regime, T=11, initial_state=True, seed=7)
-    rng = np.random.default_rng(8)
-    o, ht = rwkv6.recurrent(**x, output_final_state=True)
-    do, dht = rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
+    do, dht = testing.cotangents(*testing.run(rwkv6, "recurrent", x), seed=8)
 
     def loss(inputs):
-        o, ht = rwkv6.recurrent(**inputs, output_final_state=True)
+        o, ht = testing.run(rwkv6, "recurrent", inputs)
         return testing.inner(do, o) + testing.inner(dht, ht)
 
-    grads = rwkv6.recurrent_vjp(**x, do=do, dht=dht)
+    grads = testing.vjp(rwkv6, "recurrent", x, do, dht)
     for c in testing.fd_check(loss, x, grads, ["r", "k", "v", "w", "u", "initial_state"]).values():
         assert c.ok, str(c)
 
@@ -198,11 +191,11 @@ def test_hard_reset_forgets_everything_before_it():
     not depend on the initial state or on tokens before t."""
     x = testing.make_inputs("rwkv6", "typical", T=8, initial_state=True, seed=11)
     x["w"][:, 4] = -np.inf
-    o, ht = rwkv6.recurrent(**x, output_final_state=True)
+    o, ht = testing.run(rwkv6, "recurrent", x)
     y = {**x, "initial_state": 10 * x["initial_state"]}
     y["k"] = x["k"].copy()
     y["k"][:, :4] *= -3.0
-    o_y, ht_y = rwkv6.recurrent(**y, output_final_state=True)
+    o_y, ht_y = testing.run(rwkv6, "recurrent", y)
     assert np.array_equal(o[:, 5:], o_y[:, 5:])
     assert np.array_equal(ht, ht_y)
     assert not np.allclose(o[:, 4], o_y[:, 4])          # step 4 still reads S_3 (before the reset)

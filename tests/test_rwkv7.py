@@ -14,11 +14,7 @@ from linrec_ref.ops import rwkv7 as op
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
-def _inputs(T=10, B=2, H=2, K=5, V=4, regime="typical", seed=0):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "K": K, "V": V}, np.dtype(np.float64))
-    x["initial_state"] = rng.standard_normal((B, H, K, V))
-    return x
+DIMS = {"B": 2, "H": 2, "HV": 2, "K": 5, "V": 4}   # HV = H: v, a, b, w on the heads of r, k
 
 
 def _as_dplr(x):
@@ -27,27 +23,22 @@ def _as_dplr(x):
     return y
 
 
-def _kw(form):
-    return {"chunk_size": 3} if form == "chunkwise" else {}
-
-
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("regime", ["typical", "hard_reset"])
 def test_rwkv7_is_dplr_with_q_r_and_scale_one(form, regime):
-    x = _inputs(regime=regime)
-    got = getattr(op, form)(**x, output_final_state=True, **_kw(form))
-    ref = getattr(dplr, form)(**_as_dplr(x), scale=1.0, output_final_state=True, **_kw(form))
+    x = testing.make_inputs("rwkv7", regime, T=10, initial_state=True, **DIMS)
+    got = testing.run(op, form, x, chunk_size=3)
+    ref = testing.run(dplr, form, _as_dplr(x), chunk_size=3, scale=1.0)
     testing.assert_close(got, ref)
-    rng = np.random.default_rng(1)
-    do, dht = rng.standard_normal(got[0].shape), rng.standard_normal(got[1].shape)
-    g = getattr(op, form + "_vjp")(**x, do=do, dht=dht, **_kw(form))
-    g_ref = getattr(dplr, form + "_vjp")(**_as_dplr(x), do=do, dht=dht, scale=1.0, **_kw(form))
+    do, dht = testing.cotangents(*got, seed=1)
+    g = testing.vjp(op, form, x, do, dht, chunk_size=3)
+    g_ref = testing.vjp(dplr, form, _as_dplr(x), do, dht, chunk_size=3, scale=1.0)
     g_ref["r"] = g_ref.pop("q")
     testing.assert_close({n: g[n] for n in sorted(g)}, {n: g_ref[n] for n in sorted(g)})
 
 
 def test_step_is_dplr_step():
-    x = _inputs(T=1)
+    x = testing.make_inputs("rwkv7", T=1, initial_state=True, **DIMS)
     token = {n: x[n][:, 0] for n in ("r", "w", "k", "v", "a", "b")}
     got = op.step(**token, state=x["initial_state"])
     q = token.pop("r")
@@ -55,7 +46,7 @@ def test_step_is_dplr_step():
 
 
 def test_default_scale_is_one():
-    x = _inputs(T=6)
+    x = testing.make_inputs("rwkv7", T=6, initial_state=True, **DIMS)
     testing.assert_close(op.recurrent(**x), op.recurrent(**x, scale=1.0))
     assert not testing.compare(op.recurrent(**x)[0], op.recurrent(**x, scale=5 ** -0.5)[0]).ok
 
@@ -84,12 +75,12 @@ def test_paper_update_with_kappa_hat_and_a_coef():
         wkv_T[0, h] = wkv
     x = dict(r=r, w=w, k=k, v=v, a=-kappa, b=kappa * a_coef, initial_state=wkv0.swapaxes(-1, -2))
     for form in FORMS:
-        got = getattr(op, form)(**x, output_final_state=True, **_kw(form))
+        got = testing.run(op, form, x, chunk_size=3)
         testing.assert_close(got, (o_ref, wkv_T.swapaxes(-1, -2)))
 
 
 def test_attention_matrix_maps_v_to_o():
-    x = _inputs(T=7, regime="hard_reset")
+    x = testing.make_inputs("rwkv7", "hard_reset", T=7, initial_state=True, **DIMS)
     M = op.attention_matrix(x["r"], x["w"], x["k"], x["a"], x["b"])
     o, _ = op.parallel(**dict(x, initial_state=None))
     testing.assert_close(np.einsum("bhts,bshv->bthv", M, x["v"]), o)
@@ -97,20 +88,20 @@ def test_attention_matrix_maps_v_to_o():
 
 def test_registry_style_argument_order():
     """Positional order is (r, w, k, v, a, b), as fla's chunk_rwkv7(r, w, k, v, a, b)."""
-    x = _inputs(T=5)
+    x = testing.make_inputs("rwkv7", T=5, initial_state=True, **DIMS)
     pos = op.recurrent(x["r"], x["w"], x["k"], x["v"], x["a"], x["b"], initial_state=x["initial_state"])
     testing.assert_close(pos, op.recurrent(**x))
 
 
 def test_positive_log_decay_is_rejected():
-    x = _inputs(T=4)
+    x = testing.make_inputs("rwkv7", T=4, initial_state=True, **DIMS)
     x["w"][0, 2, 1, 0] = 0.5
     with pytest.raises(InputError, match="rwkv7: .*'w'"):
         op.chunkwise(**x)
 
 
 def test_state_shape_is_checked():
-    x = _inputs(T=4)
+    x = testing.make_inputs("rwkv7", T=4, initial_state=True, **DIMS)
     x["initial_state"] = x["initial_state"][:, :, :, :2]
     with pytest.raises(InputError, match="initial_state"):
         op.recurrent(**x)

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from linrec_ref import testing
-from linrec_ref._scan import from_chunks, reverse_steps, reverse_sweep, segsum, to_chunks
+from linrec_ref._scan import from_chunks, reverse_steps, segsum, to_chunks
 from linrec_ref.ops import simple_gla
 
 
@@ -54,18 +54,17 @@ def test_attention_matrix_maps_v_to_o():
 def test_hard_reset_forgets_everything_before_it_exactly(form):
     x = testing.make_inputs("simple_gla", "typical", T=20, initial_state=True)
     x["g"][:, 9] = -np.inf                       # every head resets at t = 9
-    fn = getattr(simple_gla, form)
-    o, h = fn(**x, output_final_state=True)
+    o, h = testing.run(simple_gla, form, x)
     y = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in x.items()}
     for name in ("q", "k", "v"):
         y[name][:, :9] = np.random.default_rng(1).standard_normal(y[name][:, :9].shape)
     y["initial_state"] = 100 * x["initial_state"]
-    o2, h2 = fn(**y, output_final_state=True)
+    o2, h2 = testing.run(simple_gla, form, y)
     assert np.array_equal(o[:, 9:], o2[:, 9:]) and np.array_equal(h, h2)
     # backward: with cotangents only after the reset, nothing before it gets a gradient
     do = np.ones_like(o)
     do[:, :9] = 0
-    grads = getattr(simple_gla, form + "_vjp")(**x, do=do, dht=np.ones_like(h))
+    grads = testing.vjp(simple_gla, form, x, do, np.ones_like(h))
     assert all(np.isfinite(v).all() for v in grads.values())
     assert np.all(grads["initial_state"] == 0)
     for name in ("q", "k", "v"):
@@ -75,7 +74,7 @@ def test_hard_reset_forgets_everything_before_it_exactly(form):
 
 def test_float32_stays_float32_and_step_starts_from_zeros():
     x = testing.make_inputs("simple_gla", "typical", T=5, dtype=np.float32)
-    o, h = simple_gla.chunkwise(**x, output_final_state=True, chunk_size=2)
+    o, h = testing.run(simple_gla, "chunkwise", x, chunk_size=2)
     assert o.dtype == np.float32 and h.dtype == np.float32
     token = {k: v[:, 0] for k, v in x.items()}
     o0, s0 = simple_gla.step(**token)
@@ -111,18 +110,6 @@ def test_chunking_round_trip_with_padding():
     assert c.shape == (2, 3, 3, 3, 2)           # [B, H, N, C, D]
     assert np.all(c[:, :, -1, 1:] == 0)         # zero padding of the last chunk
     assert np.array_equal(from_chunks(c, 7), x)
-
-
-@pytest.mark.parametrize("block", [1, 3, 64])
-def test_reverse_sweep_visits_every_step_backwards_with_the_right_states(block):
-    visited = []
-    final = reverse_sweep(lambda S, t: S * 2 + t, 1.0, 10,
-                          lambda t, prev, cur: visited.append((t, prev, cur)), block=block)
-    states = [1.0]
-    for t in range(10):
-        states.append(states[-1] * 2 + t)
-    assert final == states[-1]
-    assert visited == [(t, states[t], states[t + 1]) for t in reversed(range(10))]
 
 
 @pytest.mark.parametrize("block", [1, 3, 64])
