@@ -16,15 +16,11 @@ import pytest
 
 from linrec_ref import check, registry, testing
 from linrec_ref._forms import tree_map
-from linrec_ref.check import cotangents, run_form, run_steps, run_vjp
 
 OPS = registry.available()
 CASES = [(op, variant) for op in OPS for variant in registry.spec(op).variants]
 HUGE_CHUNK = 10**6
-
-
-def _chunk(form, C=16):
-    return C if form == "chunkwise" else None
+CHUNK = 16  # chunk_size of the chunkwise form (testing.run / testing.vjp pass it to chunkwise only)
 
 
 def _assert_identical(actual, expected):
@@ -47,7 +43,7 @@ def _zero_state(op, variant, **dims):
 
 def _output_layout(op, variant):
     """(shape, dtype) of the output at T = 1, whose T axis a T = 0 call must shrink to 0."""
-    o, _ = run_form(op, "recurrent", testing.make_inputs(op, variant=variant, T=1))
+    o, _ = testing.run(op, "recurrent", testing.make_inputs(op, variant=variant, T=1))
     return o.shape[:1] + (0,) + o.shape[2:], o.dtype
 
 
@@ -73,10 +69,10 @@ def test_zero_length_forms_and_step_loop_pass_the_state_through(op, variant, wit
     shape, dtype = _output_layout(op, variant)
     state = x["initial_state"] if with_state else _zero_state(op, variant)
     for form in registry.spec(op).forms:
-        o, ht = run_form(op, form, x, _chunk(form))
+        o, ht = testing.run(op, form, x, chunk_size=CHUNK)
         assert o.shape == shape and o.dtype == dtype, (form, o.shape, o.dtype)
         _assert_identical(ht, state)
-    o, ht = run_steps(op, x)
+    o, ht = testing.run_steps(op, x)
     assert o.shape == shape and o.dtype == dtype
     _assert_identical(ht, state)
 
@@ -85,10 +81,10 @@ def test_zero_length_forms_and_step_loop_pass_the_state_through(op, variant, wit
 @pytest.mark.parametrize("op,variant", CASES)
 def test_zero_length_vjp_passes_dht_through(op, variant, with_state):
     x = testing.make_inputs(op, variant=variant, T=0, initial_state=with_state)
-    o, ht = run_form(op, "recurrent", x)
-    do, dht = cotangents(op, o, ht, np.random.default_rng(0))
+    o, ht = testing.run(op, "recurrent", x)
+    do, dht = testing.cotangents(o, ht, seed=0)
     for form in registry.spec(op).forms:
-        grads = run_vjp(op, form, x, do, dht, _chunk(form))
+        grads = testing.vjp(op, form, x, do, dht, chunk_size=CHUNK)
         _assert_vjp_of_empty_call(op, x, grads, dht, with_state)
 
 
@@ -102,11 +98,11 @@ def test_varlen_with_only_empty_segments(op, variant):
     x = dict(x, initial_state=h0, cu_seqlens=cu)
     shape, dtype = _output_layout(op, variant)
     for form in spec.forms:
-        o, ht = run_form(op, form, x, _chunk(form))
+        o, ht = testing.run(op, form, x, chunk_size=CHUNK)
         assert o.shape == (1,) + shape[1:] and o.dtype == dtype, form
         _assert_identical(ht, h0)
-        _, dht = cotangents(op, o, ht, np.random.default_rng(1))
-        grads = run_vjp(op, form, x, np.zeros(o.shape, o.dtype), dht, _chunk(form))
+        _, dht = testing.cotangents(o, ht, seed=1)
+        grads = testing.vjp(op, form, x, np.zeros(o.shape, o.dtype), dht, chunk_size=CHUNK)
         _assert_vjp_of_empty_call(op, x, grads, dht, with_state=True)
 
 
@@ -139,13 +135,13 @@ def test_single_token_forms_and_vjps_agree_with_the_recurrent_loop(op, variant, 
 @pytest.mark.parametrize("op", OPS)
 def test_chunk_size_far_above_T_is_one_chunk_of_T(op):
     x = testing.make_inputs(op, T=16, initial_state=True)
-    ref = run_form(op, "recurrent", x)
-    do, dht = cotangents(op, *ref, np.random.default_rng(0))
-    ref_grads = run_vjp(op, "recurrent", x, do, dht)
+    ref = testing.run(op, "recurrent", x)
+    do, dht = testing.cotangents(*ref, seed=0)
+    ref_grads = testing.vjp(op, "recurrent", x, do, dht)
     tracemalloc.start()
     try:
-        out = run_form(op, "chunkwise", x, HUGE_CHUNK)
-        grads = run_vjp(op, "chunkwise", x, do, dht, HUGE_CHUNK)
+        out = testing.run(op, "chunkwise", x, chunk_size=HUGE_CHUNK)
+        grads = testing.vjp(op, "chunkwise", x, do, dht, chunk_size=HUGE_CHUNK)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -154,8 +150,8 @@ def test_chunk_size_far_above_T_is_one_chunk_of_T(op):
     for name, g in ref_grads.items():
         testing.assert_close(grads[name], g, name=f"d{name}")
     # the effective chunk is T: bit for bit the call with chunk_size = T
-    _assert_identical(out, run_form(op, "chunkwise", x, 16))
-    _assert_identical(grads, run_vjp(op, "chunkwise", x, do, dht, 16))
+    _assert_identical(out, testing.run(op, "chunkwise", x, chunk_size=16))
+    _assert_identical(grads, testing.vjp(op, "chunkwise", x, do, dht, chunk_size=16))
 
 
 @pytest.mark.parametrize("op", OPS)

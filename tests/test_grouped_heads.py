@@ -21,7 +21,9 @@ chunkwise_vjp = vjp_form(GROUPED, chunked=True)(simple_gla.chunkwise_vjp.core)
 step = step_form(GROUPED)(simple_gla.step.core)
 
 
-def _inputs(H=2, G=3, T=11, B=1, seed=0):
+def _grouped_inputs(H=2, G=3, T=11, B=1, seed=0):
+    """Inputs of the unregistered GROUPED spec (HV = G H value heads), which testing.make_inputs
+    cannot draw: q, k [B, T, H, 4]; v [B, T, HV, 5]; g [B, T, HV]; initial_state [B, HV, 4, 5]."""
     rng = np.random.default_rng(seed)
     HV = H * G
     return {"q": rng.standard_normal((B, T, H, 4)), "k": rng.standard_normal((B, T, H, 4)),
@@ -35,8 +37,8 @@ def _repeated(x, G):
 
 
 def test_value_head_j_reads_query_head_j_over_g():
-    x = _inputs()
-    ref = simple_gla.recurrent(**_repeated(x, 3), output_final_state=True)
+    x = _grouped_inputs()
+    ref = testing.run(simple_gla, "recurrent", _repeated(x, 3))
     testing.assert_close(recurrent(**x, output_final_state=True), ref)
     testing.assert_close(chunkwise(**x, output_final_state=True, chunk_size=4), ref)
     # head 4 of v is served by head 4 // 3 = 1 of q and k
@@ -46,10 +48,10 @@ def test_value_head_j_reads_query_head_j_over_g():
 
 
 def test_gradients_of_shared_heads_are_summed_over_the_group():
-    x = _inputs(B=1)
+    x = _grouped_inputs(B=1)
     do = np.random.default_rng(5).standard_normal((1, 11, 6, 5))
     got = chunkwise_vjp(**x, do=do, chunk_size=4)
-    ref = simple_gla.chunkwise_vjp(**_repeated(x, 3), do=do, chunk_size=4)
+    ref = testing.vjp(simple_gla, "chunkwise", _repeated(x, 3), do, chunk_size=4)
     for name in ("q", "k"):
         assert got[name].shape == x[name].shape
         testing.assert_close(got[name], ref[name].reshape(1, 11, 2, 3, 4).sum(3), name=name)
@@ -58,12 +60,12 @@ def test_gradients_of_shared_heads_are_summed_over_the_group():
 
 
 def test_grouped_heads_with_varlen_and_step():
-    x = _inputs(B=1, T=9)
+    x = _grouped_inputs(B=1, T=9)
     cu = np.array([0, 4, 4, 9])
     h0 = np.random.default_rng(2).standard_normal((3, 6, 4, 5))
     packed = chunkwise(**dict(x, initial_state=h0), cu_seqlens=cu, chunk_size=2, output_final_state=True)
-    ref = simple_gla.chunkwise(**_repeated(dict(x, initial_state=h0), 3), cu_seqlens=cu, chunk_size=2,
-                               output_final_state=True)
+    ref = testing.run(simple_gla, "chunkwise", dict(_repeated(dict(x, initial_state=h0), 3), cu_seqlens=cu),
+                      chunk_size=2)
     testing.assert_close(packed, ref)
     o, S = step(x["q"][:, 0], x["k"][:, 0], x["v"][:, 0], x["g"][:, 0], x["initial_state"])
     o_ref, S_ref = simple_gla.step(**{k: v[:, 0] for k, v in _repeated(x, 3).items() if k != "initial_state"},
@@ -72,7 +74,7 @@ def test_grouped_heads_with_varlen_and_step():
 
 
 def test_value_heads_must_be_a_multiple_of_query_heads():
-    x = _inputs(H=4, G=1)
+    x = _grouped_inputs(H=4, G=1)
     bad = dict(x, v=x["v"][:, :, :3], g=x["g"][:, :, :3], initial_state=x["initial_state"][:, :3])
     with pytest.raises(InputError, match=r"grouped heads need HV \(value heads, 3 from argument 'v'\) "
                                          r"to be a multiple of H \(query/key heads, 4 from argument 'q'\)"):

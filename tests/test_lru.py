@@ -16,10 +16,7 @@ REGIMES = lru.SPEC.regimes
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
-def _run(form, inputs, **kw):
-    if form == "chunkwise":
-        kw.setdefault("chunk_size", 7)
-    return getattr(lru, form)(**inputs, **kw)
+CHUNK = 7  # chunk_size of the chunkwise form in these tests
 
 
 # ------------------------------------------------------------------------------ peers
@@ -41,7 +38,7 @@ def test_lfilter_per_pole(regime, output, form):
             h, zf = signal.lfilter([x["Bm"][s, 0]], [1, -lam[s]], x["x"][b, :, 0], zi=zi)
             y_ref[b, :, 0] += c * np.real(x["Cm"][0, s] * h)
             h_ref[b, s] = zf[0] / lam[s]                           # zf = lambda h_T
-    y, hT = _run(form, x, output=output, output_final_state=True)
+    y, hT = testing.run(lru, form, x, chunk_size=CHUNK, output=output)
     assert_close((y, hT), (y_ref, h_ref), name=f"{form} vs lfilter")
 
 
@@ -56,7 +53,7 @@ def test_fft_convolution_with_the_kernel(regime, form):
     Xf = np.fft.rfft(x["x"], n=n, axis=1)                          # [B, F, P]
     Kf = np.fft.rfft(K, n=n, axis=0)                               # [F, Q, P]
     y_ref = np.fft.irfft(np.einsum("fqp,bfp->bfq", Kf, Xf), n=n, axis=1)[:, :T] + x["x"] @ x["Dm"].T
-    assert_close(_run(form, x)[0], y_ref, name=f"{form} vs FFT convolution")
+    assert_close(testing.run(lru, form, x, chunk_size=CHUNK)[0], y_ref, name=f"{form} vs FFT convolution")
 
 
 def test_kernel_is_the_impulse_response():
@@ -75,8 +72,8 @@ def test_kernel_is_the_impulse_response():
 def test_2re_is_twice_re(form):
     x = testing.make_inputs("lru", "typical", T=30, seed=4, initial_state=True)
     skip = x["x"] @ x["Dm"].T
-    y1, h1 = _run(form, x, output="re", output_final_state=True)
-    y2, h2 = _run(form, x, output="2re", output_final_state=True)
+    y1, h1 = testing.run(lru, form, x, chunk_size=CHUNK, output="re")
+    y2, h2 = testing.run(lru, form, x, chunk_size=CHUNK, output="2re")
     assert_close(y2 - skip, 2 * (y1 - skip), name="2re vs 2 * re")
     assert np.array_equal(h1, h2)  # the state does not depend on the read-out convention
 
@@ -91,7 +88,8 @@ def test_2re_over_half_the_pairs_equals_re_over_all(form):
                 Bm=np.concatenate([x["Bm"], x["Bm"].conj()], axis=0),
                 Cm=np.concatenate([x["Cm"], x["Cm"].conj()], axis=1),
                 initial_state=np.concatenate([x["initial_state"], x["initial_state"].conj()], axis=1))
-    assert_close(_run(form, full, output="re")[0], _run(form, x, output="2re")[0],
+    assert_close(testing.run(lru, form, full, chunk_size=CHUNK, output="re")[0],
+                 testing.run(lru, form, x, chunk_size=CHUNK, output="2re")[0],
                  name="2re (half) vs re (conjugate pairs)")
 
 
@@ -121,7 +119,7 @@ def test_real_rotation_block_form(regime, form):
     x = testing.make_inputs("lru", regime, T=40, seed=6, initial_state=True)
     y_ref, h_ref = _rotation_block_recurrence(x["x"], x["log_lam"], x["Bm"], x["Cm"], x["Dm"],
                                               x["initial_state"])
-    y, hT = _run(form, x, output="re", output_final_state=True)
+    y, hT = testing.run(lru, form, x, chunk_size=CHUNK, output="re")
     assert_close((y, hT), (y_ref, h_ref), name=f"{form} vs real rotation blocks")
 
 

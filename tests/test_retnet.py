@@ -16,12 +16,7 @@ from linrec_ref.testing import assert_close
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
-def _inputs(regime="typical", T=23, seed=0, **dims):
-    x = testing.make_inputs("retnet", regime, T=T, seed=seed, initial_state=True, **dims)
-    rng = np.random.default_rng(seed + 100)
-    do = rng.standard_normal(x["v"].shape)
-    dht = rng.standard_normal(x["initial_state"].shape)
-    return x, do, dht
+COTANGENT_SEED = 100  # seed of testing.cotangents (the inputs use make_inputs' seed 0)
 
 
 def _broadcast_gate(x):
@@ -30,19 +25,15 @@ def _broadcast_gate(x):
     return dict(x, g=np.ascontiguousarray(np.broadcast_to(x["g"], (B, T, H))))
 
 
-def _run(mod, form, x, do, dht, **kw):
-    o, ht = getattr(mod, form)(**x, output_final_state=True, **kw)
-    grads = getattr(mod, form + "_vjp")(**x, do=do, dht=dht, **kw)
-    return o, ht, grads
-
-
 @pytest.mark.parametrize("regime", ["slow_decay", "typical", "fast_forgetting", "hard_reset"])
 @pytest.mark.parametrize("form", FORMS)
 def test_equals_simple_gla_with_constant_gate(regime, form):
-    x, do, dht = _inputs(regime, T=37)
-    kw = {"chunk_size": 8} if form == "chunkwise" else {}
-    o, ht, grads = _run(retnet, form, x, do, dht, **kw)
-    o_s, ht_s, grads_s = _run(simple_gla, form, _broadcast_gate(x), do, dht, **kw)
+    x = testing.make_inputs("retnet", regime, T=37, initial_state=True)
+    o, ht = testing.run(retnet, form, x, chunk_size=8)
+    do, dht = testing.cotangents(o, ht, seed=COTANGENT_SEED)
+    grads = testing.vjp(retnet, form, x, do, dht, chunk_size=8)
+    o_s, ht_s = testing.run(simple_gla, form, _broadcast_gate(x), chunk_size=8)
+    grads_s = testing.vjp(simple_gla, form, _broadcast_gate(x), do, dht, chunk_size=8)
     assert_close(o, o_s, name=f"{form} o")
     assert_close(ht, ht_s, name=f"{form} final state")
     for name in ("q", "k", "v", "initial_state"):
@@ -51,7 +42,7 @@ def test_equals_simple_gla_with_constant_gate(regime, form):
 
 
 def test_step_and_attention_matrix_equal_simple_gla():
-    x, _, _ = _inputs("typical", T=9)
+    x = testing.make_inputs("retnet", "typical", T=9, initial_state=True)
     xs = _broadcast_gate(x)
     assert_close(retnet.attention_matrix(x["q"], x["k"], x["g"]),
                  simple_gla.attention_matrix(xs["q"], xs["k"], xs["g"]), name="attention matrix")
@@ -72,11 +63,14 @@ def test_default_decays_are_retnets():
 
 @pytest.mark.parametrize("form", FORMS)
 def test_g_none_uses_default_decays(form):
-    x, do, dht = _inputs(T=19, H=3)
+    x = testing.make_inputs("retnet", T=19, H=3, initial_state=True)
     given = dict(x, g=retnet.default_log_decay(3))
     default = {n: a for n, a in x.items() if n != "g"}
-    o_d, ht_d, grads_d = _run(retnet, form, default, do, dht)
-    o_g, ht_g, grads_g = _run(retnet, form, given, do, dht)
+    o_d, ht_d = testing.run(retnet, form, default)
+    do, dht = testing.cotangents(o_d, ht_d, seed=COTANGENT_SEED)
+    grads_d = testing.vjp(retnet, form, default, do, dht)
+    o_g, ht_g = testing.run(retnet, form, given)
+    grads_g = testing.vjp(retnet, form, given, do, dht)
     assert_close((o_d, ht_d), (o_g, ht_g), name=f"{form} with g=None")
     assert grads_d["g"] is None  # no gate given: no gradient for it
     for name in ("q", "k", "v", "initial_state"):
@@ -88,10 +82,11 @@ def test_g_none_uses_default_decays(form):
 @pytest.mark.parametrize("form", FORMS)
 def test_zero_decay_head_has_no_memory(form):
     """g_h = -inf: o_t = scale (q_t . k_t) v_t exactly; S_0 and dg of that head are 0, no NaN."""
-    x, do, dht = _inputs("typical", T=21, H=2)
+    x = testing.make_inputs("retnet", "typical", T=21, H=2, initial_state=True)
     x["g"] = np.array([np.log(0.9), -np.inf])
-    kw = {"chunk_size": 4} if form == "chunkwise" else {}
-    o, ht, grads = _run(retnet, form, x, do, dht, **kw)
+    o, ht = testing.run(retnet, form, x, chunk_size=4)
+    do, dht = testing.cotangents(o, ht, seed=COTANGENT_SEED)
+    grads = testing.vjp(retnet, form, x, do, dht, chunk_size=4)
     scale = x["q"].shape[-1] ** -0.5
     qk = np.sum(x["q"][:, :, 1] * x["k"][:, :, 1], axis=-1)          # [B, T]
     assert_close(o[:, :, 1], scale * qk[..., None] * x["v"][:, :, 1], name="memoryless head o")
@@ -108,11 +103,11 @@ def test_dg_sums_over_varlen_segments():
     cu = np.array([0, 11, 11, 30])
     rng = np.random.default_rng(7)
     do = rng.standard_normal(x["v"].shape)
-    packed = retnet.chunkwise_vjp(**x, do=do, cu_seqlens=cu, chunk_size=4)
+    packed = testing.vjp(retnet, "chunkwise", dict(x, cu_seqlens=cu), do, chunk_size=4)
     total = np.zeros_like(x["g"])
     for lo, hi in ((0, 11), (11, 30)):
         part = {n: (a[:, lo:hi] if n != "g" else a) for n, a in x.items()}
-        total += retnet.recurrent_vjp(**part, do=do[:, lo:hi])["g"]
+        total += testing.vjp(retnet, "recurrent", part, do[:, lo:hi])["g"]
     assert_close(packed["g"], total, name="dg with cu_seqlens")
 
 

@@ -9,15 +9,11 @@ from linrec_ref.ops import simple_gla
 OPS = registry.available()
 
 
-def _inputs(op="simple_gla", **kw):
-    return testing.make_inputs(op, "typical", T=8, **kw)
-
-
 # ----------------------------------------------------------------------------- generic, every op
 @pytest.mark.parametrize("op", OPS)
 def test_every_input_rejects_wrong_rank(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     for a in spec.inputs:
         if x.get(a.name) is None:
             continue
@@ -29,7 +25,7 @@ def test_every_input_rejects_wrong_rank(op):
 @pytest.mark.parametrize("op", OPS)
 def test_every_input_rejects_nan(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     for a in spec.inputs:
         if x.get(a.name) is None or x[a.name].size == 0:
             continue
@@ -42,7 +38,7 @@ def test_every_input_rejects_nan(op):
 @pytest.mark.parametrize("op", OPS)
 def test_log_gates_reject_positive_values(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     gates = [a for a in spec.inputs if a.log_gate and x.get(a.name) is not None and a.kind == "real"]
     for a in gates:
         arr = x[a.name].copy()
@@ -54,7 +50,7 @@ def test_log_gates_reject_positive_values(op):
 @pytest.mark.parametrize("op", OPS)
 def test_mismatched_time_axis_between_arguments(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     per_token = [a for a in spec.inputs if a.per_token and x.get(a.name) is not None]
     if len(per_token) < 2:
         pytest.skip("a single per-token input")
@@ -66,7 +62,7 @@ def test_mismatched_time_axis_between_arguments(op):
 @pytest.mark.parametrize("op", OPS)
 def test_unsupported_and_mixed_dtypes(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     a = next(a for a in spec.inputs if a.kind == "real" and x.get(a.name) is not None)
     with pytest.raises(InputError, match=rf"argument '{a.name}' has dtype float16; expected float32 or float64"):
         registry.form(op, "recurrent")(**dict(x, **{a.name: x[a.name].astype(np.float16)}))
@@ -79,7 +75,7 @@ def test_unsupported_and_mixed_dtypes(op):
 
 @pytest.mark.parametrize("op", OPS)
 def test_initial_state_shape_and_dtype(op):
-    x = _inputs(op, initial_state=True)
+    x = testing.make_inputs(op, T=8, initial_state=True)
     h0 = x["initial_state"]
     first = h0[0] if isinstance(h0, tuple) else h0
     wrong = first[:1] if first.shape[0] > 1 else np.concatenate([first, first])
@@ -90,25 +86,25 @@ def test_initial_state_shape_and_dtype(op):
 
 # ----------------------------------------------------------------------------- specific messages
 def test_non_array_input_is_not_converted():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(TypeError, match=r"argument 'q' must be a numpy.ndarray, got list"):
         simple_gla.recurrent(**dict(x, q=x["q"].tolist()))
 
 
 def test_wrong_head_count_names_both_arguments():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(InputError, match=r"argument 'g' has H=3 at axis 2, but H=2 from argument 'q'"):
         simple_gla.parallel(**dict(x, g=np.zeros((2, 8, 3))))
 
 
 def test_integer_input_is_rejected():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(InputError, match=r"argument 'v' has dtype int64; expected float32 or float64"):
         simple_gla.recurrent(**dict(x, v=np.ones(x["v"].shape, dtype=np.int64)))
 
 
 def test_plus_inf_gate_and_inf_input():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     g = x["g"].copy(); g[0, 1, 0] = np.inf
     with pytest.raises(InputError, match=r"argument 'g' is a log decay and must be <= 0.*index \(0, 1, 0\)"):
         simple_gla.recurrent(**dict(x, g=g))
@@ -125,7 +121,7 @@ def test_plus_inf_gate_and_inf_input():
 ])
 def test_bad_chunk_size(chunk, exc, msg):
     with pytest.raises(exc, match=msg):
-        simple_gla.chunkwise(**_inputs(), chunk_size=chunk)
+        simple_gla.chunkwise(**testing.make_inputs("simple_gla", T=8), chunk_size=chunk)
 
 
 @pytest.mark.parametrize("cu,msg", [
@@ -137,31 +133,31 @@ def test_bad_chunk_size(chunk, exc, msg):
     (np.array([0]), r"'cu_seqlens' must be a 1-D array of N\+1 >= 2 offsets"),
 ])
 def test_bad_cu_seqlens(cu, msg):
-    x = _inputs(B=1)
+    x = testing.make_inputs("simple_gla", T=8, B=1)
     with pytest.raises(InputError, match=msg):
         simple_gla.recurrent(**x, cu_seqlens=cu)
 
 
 def test_cu_seqlens_requires_batch_one():
     with pytest.raises(InputError, match=r"batch size must be 1, got B=2"):
-        simple_gla.chunkwise(**_inputs(B=2), cu_seqlens=np.array([0, 3, 8]))
+        simple_gla.chunkwise(**testing.make_inputs("simple_gla", T=8, B=2), cu_seqlens=np.array([0, 3, 8]))
 
 
 def test_cu_seqlens_initial_state_has_one_row_per_segment():
-    x = _inputs(B=1)
+    x = testing.make_inputs("simple_gla", T=8, B=1)
     h0 = np.zeros((3, 2, 8, 6))
     with pytest.raises(InputError, match=r"'initial_state' has N=3 at axis 0, but N=2 from cu_seqlens"):
         simple_gla.recurrent(**x, cu_seqlens=np.array([0, 3, 8]), initial_state=h0)
 
 
 def test_initial_state_dtype_is_not_cast():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(InputError, match=r"'initial_state' has dtype float32; expected float64"):
         simple_gla.recurrent(**x, initial_state=np.zeros((2, 2, 8, 6), np.float32))
 
 
 def test_vjp_cotangent_shapes():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(InputError, match=r"argument 'do' must have shape \[B, T, H, V\]"):
         simple_gla.recurrent_vjp(**x, do=np.zeros((2, 8, 2)))
     with pytest.raises(InputError, match=r"argument 'dht' has V=5 at axis 3, but V=6"):
@@ -169,7 +165,7 @@ def test_vjp_cotangent_shapes():
 
 
 def test_scale_and_unknown_options():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(TypeError, match=r"'scale' must be a real number or None, got str"):
         simple_gla.recurrent(**x, scale="0.5")
     with pytest.raises(InputError, match=r"'scale' must be finite"):
@@ -179,14 +175,14 @@ def test_scale_and_unknown_options():
 
 
 def test_step_state_shape():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     token = {k: v[:, 0] for k, v in x.items()}
     with pytest.raises(InputError, match=r"argument 'state' must have shape \[N, H, K, V\]"):
         simple_gla.step(**token, state=np.zeros((2, 2, 8)))
 
 
 def test_unknown_backend_and_form():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(ValueError, match=r"unknown backend 'cuda'; available backends: numpy"):
         linrec_ref.simple_gla(**x, backend="cuda")
     with pytest.raises(ValueError, match=r"unknown form 'fused'"):
@@ -198,7 +194,7 @@ def test_unknown_backend_and_form():
 # ----------------------------------------------------------------------------- dtypes seen
 @pytest.mark.parametrize("op", OPS)
 def test_mixed_dtypes_blame_the_argument_that_differs_from_the_majority(op):
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     given = [a.name for a in registry.spec(op).inputs if x.get(a.name) is not None]
     if len(given) < 3:
         pytest.skip("two inputs: a tie, covered by test_unsupported_and_mixed_dtypes")
@@ -219,7 +215,7 @@ def _masked(a):
 
 @pytest.mark.parametrize("op", OPS)
 def test_masked_arrays_are_rejected_naming_the_argument(op):
-    x = _inputs(op, initial_state=True)
+    x = testing.make_inputs(op, T=8, initial_state=True)
     for a in registry.spec(op).inputs:
         if x.get(a.name) is None:
             continue
@@ -236,7 +232,7 @@ def test_masked_arrays_are_rejected_naming_the_argument(op):
 @pytest.mark.parametrize("op", [op for op in OPS
                                 if any(len(a.dims) == 2 for a in registry.spec(op).inputs)])
 def test_numpy_matrix_is_rejected_naming_the_argument(op):
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     a = next(a for a in registry.spec(op).inputs if len(a.dims) == 2 and x.get(a.name) is not None)
     with pytest.raises(TypeError, match=rf"{op}: argument '{a.name}' is a numpy.matrix"):
         registry.form(op, "recurrent")(**dict(x, **{a.name: np.asmatrix(x[a.name])}))
@@ -262,7 +258,7 @@ def _strided(a):
 @pytest.mark.parametrize("kind", ["view", "memmap", "read_only", "strided"])
 @pytest.mark.parametrize("op", OPS)
 def test_views_memmaps_read_only_and_strided_inputs_work(op, kind, tmp_path):
-    x = _inputs(op, initial_state=True)
+    x = testing.make_inputs(op, T=8, initial_state=True)
     counter = iter(range(1000))
     convert = {"view": lambda a: a[...],
                "memmap": lambda a: _as_memmap(a, tmp_path / f"{next(counter)}.dat"),
@@ -273,18 +269,18 @@ def test_views_memmaps_read_only_and_strided_inputs_work(op, kind, tmp_path):
         assert not all(p.flags.c_contiguous for _, p in testing.leaves(arrays) if p.ndim and p.size > 1)
     y = dict(x, **arrays)
     for form in ("recurrent", "chunkwise"):
-        o, ht = registry.form(op, form)(**y, output_final_state=True)
-        o_ref, ht_ref = registry.form(op, form)(**x, output_final_state=True)
+        o, ht = testing.run(op, form, y)
+        o_ref, ht_ref = testing.run(op, form, x)
         assert type(o) is np.ndarray
         testing.assert_close((o, ht), (o_ref, ht_ref))
         do = np.ones_like(o_ref)
-        grads = registry.form(op, f"{form}_vjp")(**y, do=do)
-        testing.assert_close(grads, registry.form(op, f"{form}_vjp")(**x, do=do))
+        grads = testing.vjp(op, form, y, do)
+        testing.assert_close(grads, testing.vjp(op, form, x, do))
 
 
 # ----------------------------------------------------------------------------- boolean options
 def test_output_final_state_takes_bool_only():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     with pytest.raises(TypeError, match=r"simple_gla: argument 'output_final_state' must be True or "
                                         r"False, got 'no' \(str\)"):
         simple_gla.recurrent(**x, output_final_state="no")
@@ -298,21 +294,21 @@ def test_output_final_state_takes_bool_only():
                                 if any(isinstance(d, bool) for d in registry.spec(op).options.values())])
 def test_boolean_op_options_take_bool_only(op):
     spec = registry.spec(op)
-    x = _inputs(op)
+    x = testing.make_inputs(op, T=8)
     for name, default in spec.options.items():
         if not isinstance(default, bool):
             continue
         with pytest.raises(TypeError, match=rf"{op}: option '{name}' must be True or False, "
                                             rf"got 'yes' \(str\)"):
             registry.form(op, "recurrent")(**dict(x, **{name: "yes"}))
-        o, _ = registry.form(op, "recurrent")(**dict(x, **{name: np.bool_(x.get(name, default))}))
-        o_ref, _ = registry.form(op, "recurrent")(**x)
+        o, _ = testing.run(op, "recurrent", dict(x, **{name: np.bool_(x.get(name, default))}))
+        o_ref, _ = testing.run(op, "recurrent", x)
         testing.assert_close(o, o_ref)
 
 
 # ----------------------------------------------------------------------------- tuple states
 def test_tuple_state_of_the_wrong_length_says_the_lengths():
-    x = _inputs("mlstm", initial_state=True)
+    x = testing.make_inputs("mlstm", T=8, initial_state=True)
     C, n, m = x["initial_state"]
     with pytest.raises(TypeError, match=r"mlstm: argument 'initial_state' must be a tuple of 3 arrays "
                                         r"\(C: \[N, H, K, V\], n: \[N, H, K\], m: \[N, H\]\), got a "
@@ -327,7 +323,7 @@ def test_tuple_state_of_the_wrong_length_says_the_lengths():
 
 # ----------------------------------------------------------------------------- top-level API
 def test_backend_none_is_the_default_backend():
-    x = _inputs()
+    x = testing.make_inputs("simple_gla", T=8)
     o, ht = linrec_ref.simple_gla(**x, backend=None, output_final_state=True)
     testing.assert_close((o, ht), linrec_ref.simple_gla(**x, backend="numpy", output_final_state=True))
     grads = linrec_ref.simple_gla.vjp(**x, do=o, backend=None)
