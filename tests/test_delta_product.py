@@ -17,46 +17,14 @@ VJPS = ("recurrent", "parallel", "chunkwise")
 GRADS = ("q", "k", "v", "beta", "g", "initial_state")
 
 
-def _inputs(T=11, B=2, NH=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0,
-            dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "NH": NH, "H": H, "HV": HV, "K": K, "V": V},
-                       np.dtype(dtype), variant)
-    x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
-    x.update(op.SPEC.variants[variant])
-    return x
-
-
-def _run(mod, form, x, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form)(**x, output_final_state=True, **kw)
-
-
-def _vjp(mod, form, x, do, dht, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form + "_vjp")(**x, do=do, dht=dht, **kw)
-
-
-def _steps(mod, x, names):
-    state, outs = x.get("initial_state"), []
-    opts = {k: x[k] for k in ("use_qk_l2norm_in_kernel", "beta_activation") if k in x}
-    for t in range(x["q"].shape[1]):
-        token = {n: (None if x.get(n) is None else x[n][:, t]) for n in names}
-        o_t, state = mod.step(**token, state=state, **opts)
-        outs.append(o_t)
-    return np.stack(outs, axis=1), state
-
-
-def _cotangents(x, seed=1):
-    rng = np.random.default_rng(seed)
-    o, ht = _run(op, "recurrent", x)
-    return rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
+DIMS = dict(T=11, B=2, NH=2, H=1, HV=2, K=5, V=4)
+C = 4                                        # chunk size of the chunkwise forms
 
 
 # ----------------------------------------------------------------------------- the recurrence
 def test_recurrent_is_decay_then_householder_substeps_then_one_read():
     """One head, plain Python: S <- e^g S; for j: S <- S + b_j k_j (v_j - S^T k_j)^T; o = scale S^T q."""
-    x = _inputs(T=6, B=1, NH=3, H=1, HV=1, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=6, B=1, NH=3, H=1, HV=1), initial_state=True)
     q, g = x["q"][0, :, 0], x["g"][0, :, 0]
     k, v, b = x["k"][0, :, :, 0], x["v"][0, :, :, 0], x["beta"][0, :, :, 0]
     S = x["initial_state"][0, 0].copy()
@@ -68,8 +36,8 @@ def test_recurrent_is_decay_then_householder_substeps_then_one_read():
         outs.append(5 ** -0.5 * S.T @ q[t])
     ref = (np.array(outs)[None, :, None], S[None, None])
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, x, C=4), ref, name=form)
-    testing.assert_close(_steps(op, x, ("q", "k", "v", "beta", "g")), ref, name="step")
+        testing.assert_close(testing.run(op, form, x, chunk_size=4), ref, name=form)
+    testing.assert_close(testing.run_steps(op, x), ref, name="step")
 
 
 # ----------------------------------------------------------------------------- n_h = 1
@@ -83,13 +51,13 @@ def _as_gated(x):
 @pytest.mark.parametrize("variant", ["default", "l2norm_sigmoid"])
 @pytest.mark.parametrize("regime", ["typical", "hard_reset", "beta_extremes"])
 def test_one_householder_is_gated_delta_rule_forward(variant, regime):
-    x = _inputs(T=13, NH=1, regime=regime, variant=variant)
+    x = testing.make_inputs(op, regime=regime, **dict(DIMS, T=13, NH=1), variant=variant, initial_state=True)
     y = _as_gated(x)
-    ref = _run(gdr, "recurrent", y)
+    ref = testing.run(gdr, "recurrent", y)
     for form in FORWARDS:
         for C in (1, 3, 16):
-            testing.assert_close(_run(op, form, x, C), ref, name=f"{form} C={C}")
-    testing.assert_close(_steps(op, x, ("q", "k", "v", "beta", "g")), ref, name="step")
+            testing.assert_close(testing.run(op, form, x, chunk_size=C), ref, name=f"{form} C={C}")
+    testing.assert_close(testing.run_steps(op, x), ref, name="step")
     opts = op.SPEC.variants[variant]
     M = op.attention_matrix(x["q"], x["k"], x["beta"], x["g"], **opts)
     testing.assert_close(M, gdr.attention_matrix(y["q"], y["k"], y["g"], y["beta"], **opts), name="M")
@@ -98,12 +66,12 @@ def test_one_householder_is_gated_delta_rule_forward(variant, regime):
 @pytest.mark.parametrize("variant", ["default", "l2norm_sigmoid"])
 @pytest.mark.parametrize("regime", ["typical", "hard_reset"])
 def test_one_householder_is_gated_delta_rule_gradients(variant, regime):
-    x = _inputs(T=13, NH=1, regime=regime, variant=variant)
+    x = testing.make_inputs(op, regime=regime, **dict(DIMS, T=13, NH=1), variant=variant, initial_state=True)
     y = _as_gated(x)
-    do, dht = _cotangents(x)
-    ref = _vjp(gdr, "recurrent", y, do, dht)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
+    ref = testing.vjp(gdr, "recurrent", y, do, dht)
     for form in VJPS:
-        got = _vjp(op, form, x, do, dht, C=3)
+        got = testing.vjp(op, form, x, do, dht, chunk_size=3)
         got = {n: (got[n][:, :, 0] if n in ("k", "v", "beta") else got[n]) for n in GRADS}
         testing.assert_close(got, {n: ref[n] for n in GRADS}, name=f"{form}_vjp")
 
@@ -146,7 +114,7 @@ def test_fla_layout_equals_gated_delta_rule_on_the_expanded_sequence(NH):
     o_sub, h_ref = gdr.recurrent(q_sub, k, v, g_sub, beta, initial_state=h0, output_final_state=True)
     args = op.from_fla_layout(q, k, v, g, beta, num_householder=NH)
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, dict(args, initial_state=h0), C=2),
+        testing.assert_close(testing.run(op, form, dict(args, initial_state=h0), chunk_size=2),
                              (o_sub[:, NH - 1::NH], h_ref), name=form)
 
 
@@ -178,25 +146,26 @@ def test_wrong_interleaving_is_an_input_error():
 
 
 def test_mismatched_sub_step_counts_between_arguments():
-    x = _inputs(T=5, NH=2)
+    x = testing.make_inputs(op, **dict(DIMS, T=5, NH=2), initial_state=True)
     with pytest.raises(InputError, match=r"argument 'v' has NH=1 at axis 2, but NH=2 from argument 'k'"):
         op.recurrent(**dict(x, v=x["v"][:, :, :1]))
 
 
 # ----------------------------------------------------------------------------- g = None
 def test_no_gate_equals_zero_gate_in_every_form_and_gradient():
-    x = _inputs(T=10, NH=3)
+    x = testing.make_inputs(op, **dict(DIMS, T=10, NH=3), initial_state=True)
     x0 = dict(x, g=np.zeros_like(x["g"]))
     xn = dict(x, g=None)
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, xn, C=3), _run(op, form, x0, C=3), name=form)
-    testing.assert_close(_steps(op, xn, ("q", "k", "v", "beta", "g")),
-                         _steps(op, x0, ("q", "k", "v", "beta", "g")), name="step")
+        testing.assert_close(testing.run(op, form, xn, chunk_size=3),
+                             testing.run(op, form, x0, chunk_size=3), name=form)
+    testing.assert_close(testing.run_steps(op, xn),
+                         testing.run_steps(op, x0), name="step")
     testing.assert_close(op.attention_matrix(x["q"], x["k"], x["beta"]),
                          op.attention_matrix(x["q"], x["k"], x["beta"], x0["g"]), name="M")
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     for form in VJPS:
-        gn, g0 = _vjp(op, form, xn, do, dht, C=3), _vjp(op, form, x0, do, dht, C=3)
+        gn, g0 = testing.vjp(op, form, xn, do, dht, chunk_size=3), testing.vjp(op, form, x0, do, dht, chunk_size=3)
         assert gn["g"] is None
         names = ("q", "k", "v", "beta", "initial_state")
         testing.assert_close({n: gn[n] for n in names}, {n: g0[n] for n in names}, name=f"{form}_vjp")
@@ -205,17 +174,19 @@ def test_no_gate_equals_zero_gate_in_every_form_and_gradient():
 # ----------------------------------------------------------------------------- grouped heads
 def test_grouped_heads_equal_repeated_query_key_heads():
     """H = 1, HV = 2: both value heads read the one q/k head; gradients summed over the group."""
-    x = _inputs(T=9, NH=2, H=1, HV=2)
+    x = testing.make_inputs(op, **dict(DIMS, T=9, NH=2, H=1, HV=2), initial_state=True)
     full = dict(x, q=np.repeat(x["q"], 2, axis=2), k=np.repeat(x["k"], 2, axis=3))
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, x, C=2), _run(op, form, full, C=2), name=form)
-        g_grp, g_full = _vjp(op, form, x, do, dht, C=2), _vjp(op, form, full, do, dht, C=2)
+        testing.assert_close(testing.run(op, form, x, chunk_size=2),
+                             testing.run(op, form, full, chunk_size=2), name=form)
+        g_grp = testing.vjp(op, form, x, do, dht, chunk_size=2)
+        g_full = testing.vjp(op, form, full, do, dht, chunk_size=2)
         testing.assert_close(g_grp["q"], g_full["q"].reshape(2, 9, 1, 2, 5).sum(3), name=f"{form} dq")
         testing.assert_close(g_grp["k"], g_full["k"].reshape(2, 9, 2, 1, 2, 5).sum(4), name=f"{form} dk")
         testing.assert_close({n: g_grp[n] for n in ("v", "beta", "g", "initial_state")},
                              {n: g_full[n] for n in ("v", "beta", "g", "initial_state")}, name=form)
-    testing.assert_close(_steps(op, x, ("q", "k", "v", "beta", "g")), _run(op, "recurrent", full), name="step")
+    testing.assert_close(testing.run_steps(op, x), testing.run(op, "recurrent", full), name="step")
 
 
 # ----------------------------------------------------------------------------- stability
@@ -223,7 +194,7 @@ def test_state_never_grows_for_unit_keys_and_beta_in_0_2():
     """numerics.md hazard 8: with |k| = 1, beta in [0, 2], no writes (v = 0) and no decay, every
     sub-step is a contraction, so ||S||_F is non-increasing token after token (raw keys of norm 2
     with beta = 1 are not: that case grows, so the check can fail)."""
-    x = _inputs(T=200, NH=3, HV=1, regime="beta_extremes", seed=3)
+    x = testing.make_inputs(op, regime="beta_extremes", **dict(DIMS, T=200, NH=3, HV=1), seed=3, initial_state=True)
     x.update(v=np.zeros_like(x["v"]), g=None)
     x["beta"] = np.random.default_rng(4).uniform(0, 2, x["beta"].shape)
     norms = [np.linalg.norm(x["initial_state"])]
@@ -239,28 +210,29 @@ def test_state_never_grows_for_unit_keys_and_beta_in_0_2():
 
 
 def test_raw_keys_with_in_kernel_l2_norm_stay_bounded():
-    x = _inputs(T=300, NH=2, variant="l2norm_sigmoid", regime="slow_decay", seed=5)
+    x = testing.make_inputs(op, regime="slow_decay", **dict(DIMS, T=300, NH=2), variant="l2norm_sigmoid", seed=5,
+                            initial_state=True)
     x["k"] = 10 * x["k"]
-    o, ht = _run(op, "chunkwise", x, C=16)
+    o, ht = testing.run(op, "chunkwise", x, chunk_size=16)
     bound = np.linalg.norm(x["initial_state"]) + np.abs(x["v"]).sum(axis=(1, 2)).max()
     assert np.isfinite(o).all() and np.linalg.norm(ht) <= bound
-    testing.assert_close((o, ht), _run(op, "recurrent", x), name="chunkwise vs recurrent")
+    testing.assert_close((o, ht), testing.run(op, "recurrent", x), name="chunkwise vs recurrent")
 
 
 # ----------------------------------------------------------------------------- resets, n_h = 3
 def test_hard_reset_forgets_everything_before_the_token():
     """g_t = -inf: the state after token t is that of a fresh start at token t (exact)."""
-    x = _inputs(T=12, NH=2, regime="typical")
+    x = testing.make_inputs(op, regime="typical", **dict(DIMS, T=12, NH=2), initial_state=True)
     x["g"][:, 6] = -np.inf
     tail = {n: (x[n][:, 6:] if n in ("q", "k", "v", "beta", "g") else x[n]) for n in x}
     tail["initial_state"] = np.zeros_like(x["initial_state"])
     for form in FORWARDS:
-        o, ht = _run(op, form, x, C=5)
-        o_tail, ht_tail = _run(op, form, tail, C=5)
+        o, ht = testing.run(op, form, x, chunk_size=5)
+        o_tail, ht_tail = testing.run(op, form, tail, chunk_size=5)
         testing.assert_close((o[:, 6:], ht), (o_tail, ht_tail), name=form)
-        do, dht = _cotangents(x)
+        do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
         do[:, :6] = 0                                               # only tokens >= 6 are read
-        grads = _vjp(op, form, x, do, dht, C=5)
+        grads = testing.vjp(op, form, x, do, dht, chunk_size=5)
         assert all(np.isfinite(grads[n]).all() for n in GRADS)
         assert not np.any(grads["initial_state"]), form             # exactly cut by the reset
         for n in ("q", "k", "v", "beta", "g"):
@@ -270,18 +242,18 @@ def test_hard_reset_forgets_everything_before_the_token():
 
 @pytest.mark.parametrize("regime", ["typical", "hard_reset", "beta_extremes"])
 def test_three_householders_forms_gradients_and_finite_differences(regime):
-    x = _inputs(T=7, NH=3, H=1, HV=2, regime=regime, seed=7)
-    ref = _run(op, "recurrent", x)
-    testing.assert_close(_steps(op, x, ("q", "k", "v", "beta", "g")), ref, name="step")
+    x = testing.make_inputs(op, regime=regime, **dict(DIMS, T=7, NH=3, H=1, HV=2), seed=7, initial_state=True)
+    ref = testing.run(op, "recurrent", x)
+    testing.assert_close(testing.run_steps(op, x), ref, name="step")
     for form, C in (("parallel", 4), ("chunkwise", 1), ("chunkwise", 3), ("chunkwise", 7)):
-        testing.assert_close(_run(op, form, x, C), ref, name=f"{form} C={C}")
-    do, dht = _cotangents(x)
-    g_ref = _vjp(op, "recurrent", x, do, dht)
+        testing.assert_close(testing.run(op, form, x, chunk_size=C), ref, name=f"{form} C={C}")
+    do, dht = testing.cotangents(*ref)
+    g_ref = testing.vjp(op, "recurrent", x, do, dht)
     for form, C in (("parallel", 4), ("chunkwise", 1), ("chunkwise", 3)):
-        testing.assert_close(_vjp(op, form, x, do, dht, C), g_ref, name=f"{form}_vjp C={C}")
+        testing.assert_close(testing.vjp(op, form, x, do, dht, chunk_size=C), g_ref, name=f"{form}_vjp C={C}")
 
     def loss(inputs):
-        o, ht = _run(op, "recurrent", inputs)
+        o, ht = testing.run(op, "recurrent", inputs)
         return testing.inner(do, o) + testing.inner(dht, ht)
     for name, res in testing.fd_check(loss, x, g_ref, GRADS).items():
         assert res.ok, str(res)
@@ -290,7 +262,8 @@ def test_three_householders_forms_gradients_and_finite_differences(regime):
 # ----------------------------------------------------------------------------- attention matrix
 def test_attention_matrix_maps_interleaved_values_to_outputs():
     """M: [B, HV, T, T*n_h] with o = M @ to_interleaved(v) (zero initial state); causal by token."""
-    x = _inputs(T=8, NH=3, regime="hard_reset", variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, regime="hard_reset", **dict(DIMS, T=8, NH=3), variant="l2norm_sigmoid",
+                            initial_state=True)
     del x["initial_state"]
     o, _ = op.parallel(**x)
     opts = op.SPEC.variants["l2norm_sigmoid"]
@@ -304,7 +277,7 @@ def test_attention_matrix_maps_interleaved_values_to_outputs():
 
 # ----------------------------------------------------------------------------- validation
 def test_beta_range_and_option_errors_name_the_op():
-    x = _inputs(T=4)
+    x = testing.make_inputs(op, **dict(DIMS, T=4), initial_state=True)
     beta = x["beta"].copy()
     beta[0, 1, 1, 0] = 2.5
     with pytest.raises(InputError, match=r"delta_product: argument 'beta' must lie in \[0, 2\] with "

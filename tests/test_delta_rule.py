@@ -13,48 +13,27 @@ from linrec_ref.ops import gated_delta_rule
 FORWARDS = ("recurrent", "parallel", "chunkwise")
 
 
-def _inputs(T=13, B=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
-                       np.dtype(dtype), variant)
-    x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
-    x.update(op.SPEC.variants[variant])
-    return x
-
-
-def _run(form, x, **kw):
-    kw = dict(kw, chunk_size=4) if form == "chunkwise" else kw
-    return getattr(op, form)(**x, output_final_state=True, **kw)
-
-
-def _vjp(form, x, do, dht):
-    kw = {"chunk_size": 4} if form == "chunkwise" else {}
-    return getattr(op, form + "_vjp")(**x, do=do, dht=dht, **kw)
-
-
-def _cotangents(x, seed=1):
-    rng = np.random.default_rng(seed)
-    o, ht = _run("recurrent", x)
-    return rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
+DIMS = dict(T=13, B=2, H=1, HV=2, K=5, V=4)
+C = 4                                        # chunk size of the chunkwise forms
 
 
 # ----------------------------------------------------------------------------- the recurrence
 def test_recurrent_is_the_delta_rule_written_out():
     """One head, plain Python: S_t = S + beta k (v - S^T k)^T, o_t = scale S_t^T q_t."""
-    x = _inputs(T=6, B=1, H=1, HV=1)
+    x = testing.make_inputs(op, **dict(DIMS, T=6, B=1, H=1, HV=1), initial_state=True)
     q, k, v, b = (x[n][0, :, 0] for n in ("q", "k", "v", "beta"))
     S = x["initial_state"][0, 0].copy()
     outs = []
     for t in range(6):
         S = S + b[t] * np.outer(k[t], v[t] - S.T @ k[t])
         outs.append(5 ** -0.5 * S.T @ q[t])
-    o, ht = _run("recurrent", x)
+    o, ht = testing.run(op, "recurrent", x)
     testing.assert_close((o[0, :, 0], ht[0, 0]), (np.array(outs), S))
 
 
 def test_step_loop_equals_recurrent():
-    x = _inputs(T=9)
-    ref = _run("recurrent", x)
+    x = testing.make_inputs(op, **dict(DIMS, T=9), initial_state=True)
+    ref = testing.run(op, "recurrent", x)
     state, outs = x["initial_state"], []
     for t in range(9):
         o_t, state = op.step(x["q"][:, t], x["k"][:, t], x["v"][:, t], x["beta"][:, t], state)
@@ -65,26 +44,28 @@ def test_step_loop_equals_recurrent():
 # ----------------------------------------------------------------------------- options
 @pytest.mark.parametrize("form", FORWARDS)
 def test_l2norm_option_equals_normalising_outside(form):
-    x = _inputs(variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, **DIMS, variant="l2norm_sigmoid", initial_state=True)
     outside = dict(x, q=gated_delta_rule.l2norm(x["q"]), k=gated_delta_rule.l2norm(x["k"]),
                    use_qk_l2norm_in_kernel=False)
-    testing.assert_close(_run(form, x), _run(form, outside), name=form)
+    testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                         testing.run(op, form, outside, chunk_size=C), name=form)
 
 
 @pytest.mark.parametrize("form", FORWARDS)
 def test_sigmoid_option_equals_passing_the_activated_beta(form):
-    x = _inputs(variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, **DIMS, variant="l2norm_sigmoid", initial_state=True)
     outside = dict(x, beta=1 / (1 + np.exp(-x["beta"])), beta_activation="none")
-    testing.assert_close(_run(form, x), _run(form, outside), name=form)
+    testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                         testing.run(op, form, outside, chunk_size=C), name=form)
 
 
 def test_option_gradients_agree_with_finite_differences():
-    x = _inputs(T=7, variant="l2norm_sigmoid")
-    do, dht = _cotangents(x)
-    grads = _vjp("chunkwise", x, do, dht)
+    x = testing.make_inputs(op, **dict(DIMS, T=7), variant="l2norm_sigmoid", initial_state=True)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
+    grads = testing.vjp(op, "chunkwise", x, do, dht, chunk_size=C)
 
     def loss(inputs):
-        o, ht = _run("recurrent", inputs)
+        o, ht = testing.run(op, "recurrent", inputs)
         return testing.inner(do, o) + testing.inner(dht, ht)
 
     names = ("q", "k", "v", "beta", "initial_state")
@@ -94,12 +75,13 @@ def test_option_gradients_agree_with_finite_differences():
 
 # ----------------------------------------------------------------------------- grouped heads
 def test_grouped_heads_equal_repeating_q_and_k():
-    x = _inputs(H=2, HV=4)
+    x = testing.make_inputs(op, **dict(DIMS, H=2, HV=4), initial_state=True)
     rep = dict(x, q=np.repeat(x["q"], 2, axis=2), k=np.repeat(x["k"], 2, axis=2))
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     for form in FORWARDS:
-        testing.assert_close(_run(form, x), _run(form, rep), name=form)
-        got, ref = _vjp(form, x, do, dht), _vjp(form, rep, do, dht)
+        testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                             testing.run(op, form, rep, chunk_size=C), name=form)
+        got, ref = testing.vjp(op, form, x, do, dht, chunk_size=C), testing.vjp(op, form, rep, do, dht, chunk_size=C)
         for n in ("q", "k"):
             testing.assert_close(got[n], ref[n].reshape(got[n].shape[:2] + (2, 2, -1)).sum(3), name=f"d{n}")
         for n in ("v", "beta", "initial_state"):
@@ -133,31 +115,31 @@ def test_state_stays_bounded_for_unit_keys_and_beta_in_0_2():
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("bad", [-0.1, 2.5])
 def test_beta_outside_0_2_is_rejected_without_activation(bad):
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     beta = x["beta"].copy()
     beta[0, 3, 1] = bad
     for form in FORWARDS:
         with pytest.raises(InputError, match=r"delta_rule: argument 'beta' must lie in \[0, 2\] with "
                                              r"beta_activation='none'.*got .* at index \(0, 3, 1\)"):
-            _run(form, dict(x, beta=beta))
-    _run("recurrent", dict(x, beta=beta, beta_activation="sigmoid"))   # raw logits: any real
+            testing.run(op, form, dict(x, beta=beta), chunk_size=C)
+    testing.run(op, "recurrent", dict(x, beta=beta, beta_activation="sigmoid"))   # raw logits: any real
 
 
 def test_bad_option_values_are_rejected():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     with pytest.raises(InputError, match=r"delta_rule: option 'beta_activation' must be one of "
                                          r"\('none', 'sigmoid'\).*got 'relu'"):
-        _run("chunkwise", dict(x, beta_activation="relu"))
+        testing.run(op, "chunkwise", dict(x, beta_activation="relu"), chunk_size=C)
     with pytest.raises(TypeError, match=r"delta_rule: option 'use_qk_l2norm_in_kernel' must be True "
                                         r"or False, got 'yes'"):
-        _run("parallel", dict(x, use_qk_l2norm_in_kernel="yes"))
+        testing.run(op, "parallel", dict(x, use_qk_l2norm_in_kernel="yes"))
 
 
 def test_value_heads_must_be_a_multiple_of_key_heads():
-    x = _inputs(H=2, HV=4)
+    x = testing.make_inputs(op, **dict(DIMS, H=2, HV=4), initial_state=True)
     bad = dict(x, v=x["v"][:, :, :3], beta=x["beta"][:, :, :3], initial_state=x["initial_state"][:, :3])
     with pytest.raises(InputError, match=r"grouped heads need HV \(value heads, 3 from argument 'v'\)"):
-        _run("recurrent", bad)
+        testing.run(op, "recurrent", bad)
 
 
 # ----------------------------------------------------------------------------- intermediates
@@ -165,7 +147,7 @@ def test_intermediates_match_the_recurrence():
     """S_in are the recurrent states at chunk starts, v_new the values written, and the WY form
     I - K^T w is the product of the chunk's transitions (I - beta k k^T)."""
     C, T = 4, 11
-    x = _inputs(T=T, B=1, H=1, HV=1)
+    x = testing.make_inputs(op, **dict(DIMS, T=T, B=1, H=1, HV=1), initial_state=True)
     inter = op.chunk_intermediates(x["q"], x["k"], x["v"], x["beta"], chunk_size=C,
                                    initial_state=x["initial_state"])
     k, v, b = (x[n][0, :, 0] for n in ("k", "v", "beta"))
@@ -193,19 +175,19 @@ def test_intermediates_match_the_recurrence():
 
 
 def test_attention_matrix_maps_v_to_o():
-    x = _inputs(T=10)
+    x = testing.make_inputs(op, **dict(DIMS, T=10), initial_state=True)
     x0 = dict(x, initial_state=np.zeros_like(x["initial_state"]))
     M = op.attention_matrix(x["q"], x["k"], x["beta"])                  # [B, HV, T, T]
     o = np.moveaxis(M @ np.moveaxis(x["v"], 1, 2), 2, 1)
-    testing.assert_close(o, _run("recurrent", x0)[0])
+    testing.assert_close(o, testing.run(op, "recurrent", x0)[0])
     assert np.all(np.triu(M, 1) == 0)
 
 
 def test_float32_stays_float32():
-    x = _inputs(dtype=np.float32)
+    x = testing.make_inputs(op, **DIMS, dtype=np.float32, initial_state=True)
     for form in FORWARDS:
-        o, ht = _run(form, x)
+        o, ht = testing.run(op, form, x, chunk_size=C)
         assert o.dtype == np.float32 and ht.dtype == np.float32, form
-    do, dht = (c.astype(np.float32) for c in _cotangents(x))
-    for n, g in _vjp("chunkwise", x, do, dht).items():
+    do, dht = (c.astype(np.float32) for c in testing.cotangents(*testing.run(op, "recurrent", x)))
+    for n, g in testing.vjp(op, "chunkwise", x, do, dht, chunk_size=C).items():
         assert g.dtype == np.float32, n

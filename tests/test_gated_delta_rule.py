@@ -16,35 +16,14 @@ FORWARDS = ("recurrent", "parallel", "chunkwise")
 GRADS = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-def _inputs(T=13, B=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
-                       np.dtype(dtype), variant)
-    x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
-    x.update(op.SPEC.variants[variant])
-    return x
-
-
-def _run(mod, form, x, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form)(**x, output_final_state=True, **kw)
-
-
-def _vjp(mod, form, x, do, dht, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form + "_vjp")(**x, do=do, dht=dht, **kw)
-
-
-def _cotangents(x, seed=1):
-    rng = np.random.default_rng(seed)
-    o, ht = _run(op, "recurrent", x)
-    return rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
+DIMS = dict(T=13, B=2, H=1, HV=2, K=5, V=4)
+C = 4                                        # chunk size of the chunkwise forms
 
 
 # ----------------------------------------------------------------------------- the recurrence
 def test_recurrent_decays_first_then_corrects():
     """One head, plain Python: S' = e^g S; S_t = S' + beta k (v - S'^T k)^T (not S_{t-1}^T k)."""
-    x = _inputs(T=6, B=1, H=1, HV=1, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=6, B=1, H=1, HV=1), initial_state=True)
     q, k, v, g, b = (x[n][0, :, 0] for n in ("q", "k", "v", "g", "beta"))
     S = x["initial_state"][0, 0].copy()
     outs = []
@@ -52,14 +31,14 @@ def test_recurrent_decays_first_then_corrects():
         S = np.exp(g[t]) * S
         S = S + b[t] * np.outer(k[t], v[t] - S.T @ k[t])
         outs.append(5 ** -0.5 * S.T @ q[t])
-    testing.assert_close(_run(op, "recurrent", x), (np.array(outs)[None, :, None], S[None, None]))
+    testing.assert_close(testing.run(op, "recurrent", x), (np.array(outs)[None, :, None], S[None, None]))
 
 
 # ----------------------------------------------------------------------------- identities
 @pytest.mark.parametrize("form", FORWARDS + ("step",))
 def test_beta_zero_is_pure_decay(form):
     """beta = 0: S_t = exp(g_1 + .. + g_t) S_0 and o_t = scale S_t^T q_t, in every form."""
-    x = _inputs(regime="hard_reset")
+    x = testing.make_inputs(op, regime="hard_reset", **DIMS, initial_state=True)
     x["beta"] = np.zeros_like(x["beta"])
     G = np.cumsum(x["g"], axis=1)                                   # [B, T, HV]
     S = np.exp(G)[..., None, None] * x["initial_state"][:, None]    # [B, T, HV, K, V]
@@ -72,21 +51,22 @@ def test_beta_zero_is_pure_decay(form):
             outs.append(o_t)
         got = (np.stack(outs, 1), state)
     else:
-        got = _run(op, form, x)
+        got = testing.run(op, form, x, chunk_size=C)
     testing.assert_close(got, (o_ref, S[:, -1]), name=form)
 
 
 def test_beta_zero_gradients_agree_across_forms_and_with_finite_differences():
-    x = _inputs(T=9)
+    x = testing.make_inputs(op, **dict(DIMS, T=9), initial_state=True)
     x["beta"] = np.zeros_like(x["beta"])
-    do, dht = _cotangents(x)
-    ref = _vjp(op, "recurrent", x, do, dht)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
+    ref = testing.vjp(op, "recurrent", x, do, dht)
     for form in ("parallel", "chunkwise"):
-        testing.assert_close({n: _vjp(op, form, x, do, dht)[n] for n in GRADS}, {n: ref[n] for n in GRADS},
+        got = testing.vjp(op, form, x, do, dht, chunk_size=C)
+        testing.assert_close({n: got[n] for n in GRADS}, {n: ref[n] for n in GRADS},
                              name=form)
 
     def loss(inputs):
-        o, ht = _run(op, "recurrent", inputs)
+        o, ht = testing.run(op, "recurrent", inputs)
         return testing.inner(do, o) + testing.inner(dht, ht)
 
     # beta itself is not perturbed: beta = 0 - h is outside [0, 2]
@@ -96,17 +76,19 @@ def test_beta_zero_gradients_agree_across_forms_and_with_finite_differences():
 
 @pytest.mark.parametrize("form", FORWARDS)
 def test_zero_gate_is_delta_rule(form):
-    x = _inputs(variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, **DIMS, variant="l2norm_sigmoid", initial_state=True)
     x["g"] = np.zeros_like(x["g"])
     plain = {n: v for n, v in x.items() if n != "g"}
-    testing.assert_close(_run(op, form, x), _run(delta_rule, form, plain), name=form)
-    do, dht = _cotangents(x)
-    got, ref = _vjp(op, form, x, do, dht), _vjp(delta_rule, form, plain, do, dht)
+    testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                         testing.run(delta_rule, form, plain, chunk_size=C), name=form)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
+    got = testing.vjp(op, form, x, do, dht, chunk_size=C)
+    ref = testing.vjp(delta_rule, form, plain, do, dht, chunk_size=C)
     testing.assert_close({n: got[n] for n in ref}, ref, name=f"{form}_vjp")
 
 
 def test_zero_gate_is_delta_rule_for_step_and_attention_matrix():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     x["g"] = np.zeros_like(x["g"])
     token = [x[n][:, 3] for n in ("q", "k", "v", "g", "beta")]
     testing.assert_close(op.step(*token, x["initial_state"]),
@@ -116,20 +98,20 @@ def test_zero_gate_is_delta_rule_for_step_and_attention_matrix():
 
 
 def test_hard_reset_forgets_everything_before_it():
-    x = _inputs(T=12, regime="typical")
+    x = testing.make_inputs(op, regime="typical", **dict(DIMS, T=12), initial_state=True)
     x["g"][:, 6] = -np.inf
     other = dict(x, initial_state=-x["initial_state"], v=x["v"].copy(), k=x["k"].copy())
     other["v"][:, :6] *= -3.0
     other["k"][:, :6] = x["k"][:, 5::-1]
     for form in FORWARDS:
-        o1, h1 = _run(op, form, x)
-        o2, h2 = _run(op, form, other)
+        o1, h1 = testing.run(op, form, x, chunk_size=C)
+        o2, h2 = testing.run(op, form, other, chunk_size=C)
         testing.assert_close((o1[:, 6:], h1), (o2[:, 6:], h2), name=form)
         assert not testing.compare(o1[:, :6], o2[:, :6]).ok             # the change is visible before
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     do[:, :6] = 0                                                   # only reads after the reset
     for form in FORWARDS:
-        grads = _vjp(op, form, x, do, dht)
+        grads = testing.vjp(op, form, x, do, dht, chunk_size=C)
         assert all(np.isfinite(grads[n]).all() for n in GRADS), form
         assert np.all(grads["initial_state"] == 0), form     # exact: nothing reaches S_0
         # d exp(g)/dg = exp(g) = 0: exact in the loop; a sum of cancelling terms elsewhere
@@ -140,12 +122,13 @@ def test_hard_reset_forgets_everything_before_it():
 
 # ----------------------------------------------------------------------------- grouped heads
 def test_grouped_heads_equal_repeating_q_and_k():
-    x = _inputs(H=2, HV=4, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, H=2, HV=4), initial_state=True)
     rep = dict(x, q=np.repeat(x["q"], 2, axis=2), k=np.repeat(x["k"], 2, axis=2))
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, x), _run(op, form, rep), name=form)
-        got, ref = _vjp(op, form, x, do, dht), _vjp(op, form, rep, do, dht)
+        testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                             testing.run(op, form, rep, chunk_size=C), name=form)
+        got, ref = testing.vjp(op, form, x, do, dht, chunk_size=C), testing.vjp(op, form, rep, do, dht, chunk_size=C)
         for n in ("q", "k"):
             testing.assert_close(got[n], ref[n].reshape(got[n].shape[:2] + (2, 2, -1)).sum(3), name=f"d{n}")
         for n in ("v", "g", "beta", "initial_state"):
@@ -171,40 +154,40 @@ def test_state_stays_bounded_with_decay_for_unit_keys():
 
 # ----------------------------------------------------------------------------- validation
 def test_beta_outside_0_2_is_rejected_without_activation():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     beta = x["beta"].copy()
     beta[1, 2, 0] = 2.01
     for form in FORWARDS:
         with pytest.raises(InputError, match=r"gated_delta_rule: argument 'beta' must lie in \[0, 2\].*"
                                              r"got .*2\.01.* at index \(1, 2, 0\)"):
-            _run(op, form, dict(x, beta=beta))
+            testing.run(op, form, dict(x, beta=beta), chunk_size=C)
     with pytest.raises(InputError, match=r"argument 'beta' must lie in \[0, 2\]"):
         op.recurrent_vjp(**dict(x, beta=-beta), do=np.zeros((2, 13, 2, 4)))
 
 
 def test_bad_option_values_are_rejected():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     with pytest.raises(InputError, match=r"gated_delta_rule: option 'beta_activation' must be one of "
                                          r"\('none', 'sigmoid'\).*got 'softplus'"):
-        _run(op, "recurrent", dict(x, beta_activation="softplus"))
+        testing.run(op, "recurrent", dict(x, beta_activation="softplus"))
     with pytest.raises(TypeError, match=r"option 'use_qk_l2norm_in_kernel' must be True or False, got 1"):
-        _run(op, "chunkwise", dict(x, use_qk_l2norm_in_kernel=1))
+        testing.run(op, "chunkwise", dict(x, use_qk_l2norm_in_kernel=1), chunk_size=C)
 
 
 def test_value_heads_must_be_a_multiple_of_key_heads():
-    x = _inputs(H=2, HV=4)
+    x = testing.make_inputs(op, **dict(DIMS, H=2, HV=4), initial_state=True)
     bad = dict(x, v=x["v"][:, :, :3], g=x["g"][:, :, :3], beta=x["beta"][:, :, :3],
                initial_state=x["initial_state"][:, :3])
     with pytest.raises(InputError, match=r"grouped heads need HV \(value heads, 3 from argument 'v'\)"):
-        _run(op, "parallel", bad)
+        testing.run(op, "parallel", bad)
 
 
 def test_positive_log_gate_is_rejected():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     g = x["g"].copy()
     g[0, 0, 0] = 0.1
     with pytest.raises(InputError, match=r"argument 'g' is a log decay and must be <= 0"):
-        _run(op, "chunkwise", dict(x, g=g))
+        testing.run(op, "chunkwise", dict(x, g=g), chunk_size=C)
 
 
 # ----------------------------------------------------------------------------- intermediates
@@ -212,7 +195,7 @@ def test_intermediates_match_the_recurrence_with_decay():
     """S_in are the recurrent states at chunk starts, v_new the new values written, and
     Gamma_C I - K_end^T w is the product of the chunk's transitions a_t (I - beta k k^T)."""
     C, T, K = 4, 11, 5
-    x = _inputs(T=T, B=1, H=1, HV=1, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=T, B=1, H=1, HV=1), initial_state=True)
     x["g"][0, 5, 0] = -np.inf                                       # a reset inside chunk 1
     inter = op.chunk_intermediates(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=C,
                                    initial_state=x["initial_state"])
@@ -246,11 +229,11 @@ def test_intermediates_match_the_recurrence_with_decay():
 
 
 def test_attention_matrix_maps_v_to_o_with_decay_and_resets():
-    x = _inputs(T=10, regime="hard_reset", variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, regime="hard_reset", **dict(DIMS, T=10), variant="l2norm_sigmoid", initial_state=True)
     x0 = dict(x, initial_state=np.zeros_like(x["initial_state"]))
     M = op.attention_matrix(x["q"], x["k"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True,
                             beta_activation="sigmoid")                   # [B, HV, T, T]
     o = np.moveaxis(M @ np.moveaxis(x["v"], 1, 2), 2, 1)                 # [B, T, HV, V]
-    testing.assert_close(o, _run(op, "recurrent", x0)[0])
+    testing.assert_close(o, testing.run(op, "recurrent", x0)[0])
     assert np.all(np.triu(M, 1) == 0)
     assert np.all(M[:, :, 5:, :5] == 0)                                  # g = -inf at t = 5 (T // 2)

@@ -16,44 +16,14 @@ FORWARDS = ("recurrent", "parallel", "chunkwise")
 GRADS = ("q", "k", "v", "g", "beta", "initial_state")
 
 
-def _inputs(T=13, B=2, H=1, HV=2, K=5, V=4, regime="typical", variant="default", seed=0, dtype=np.float64):
-    rng = np.random.default_rng(seed)
-    x = op.make_inputs(rng, regime, {"B": B, "T": T, "H": H, "HV": HV, "K": K, "V": V},
-                       np.dtype(dtype), variant)
-    x["initial_state"] = rng.standard_normal((B, HV, K, V)).astype(dtype)
-    x.update(op.SPEC.variants[variant])
-    return x
-
-
-def _run(mod, form, x, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form)(**x, output_final_state=True, **kw)
-
-
-def _vjp(mod, form, x, do, dht, C=4):
-    kw = {"chunk_size": C} if form == "chunkwise" else {}
-    return getattr(mod, form + "_vjp")(**x, do=do, dht=dht, **kw)
-
-
-def _cotangents(x, seed=1):
-    rng = np.random.default_rng(seed)
-    o, ht = _run(op, "recurrent", x)
-    return rng.standard_normal(o.shape), rng.standard_normal(ht.shape)
-
-
-def _steps(mod, x):
-    state, outs = x["initial_state"], []
-    opts = {n: x[n] for n in ("use_qk_l2norm_in_kernel", "beta_activation") if n in x}
-    for t in range(x["q"].shape[1]):
-        o_t, state = mod.step(*(x[n][:, t] for n in ("q", "k", "v", "g", "beta")), state, **opts)
-        outs.append(o_t)
-    return np.stack(outs, 1), state
+DIMS = dict(T=13, B=2, H=1, HV=2, K=5, V=4)
+C = 4                                        # chunk size of the chunkwise forms
 
 
 # ----------------------------------------------------------------------------- the recurrence
 def test_recurrent_decays_each_channel_first_then_corrects():
     """One head, plain Python: S' = diag(e^g) S; S_t = S' + beta k (v - S'^T k)^T."""
-    x = _inputs(T=6, B=1, H=1, HV=1, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=6, B=1, H=1, HV=1), initial_state=True)
     q, k, v, g, b = (x[n][0, :, 0] for n in ("q", "k", "v", "g", "beta"))
     S = x["initial_state"][0, 0].copy()
     outs = []
@@ -63,18 +33,15 @@ def test_recurrent_decays_each_channel_first_then_corrects():
         outs.append(5 ** -0.5 * S.T @ q[t])
     ref = (np.array(outs)[None, :, None], S[None, None])
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, x), ref, name=form)
-    testing.assert_close(_steps(op, x), ref, name="step")
+        testing.assert_close(testing.run(op, form, x, chunk_size=C), ref, name=form)
+    testing.assert_close(testing.run_steps(op, x), ref, name="step")
 
 
 # ----------------------------------------------------------------------------- identity with gated_delta_rule
 def _constant_gate_pair(regime, variant, T=13):
     """(kda inputs with g constant over K, the same inputs for gated_delta_rule)."""
-    x = gated_delta_rule.make_inputs(np.random.default_rng(3), regime,
-                                     {"B": 2, "T": T, "H": 1, "HV": 2, "K": 5, "V": 4},
-                                          np.dtype(np.float64), variant)
-    x["initial_state"] = np.random.default_rng(4).standard_normal((2, 2, 5, 4))
-    x.update(op.SPEC.variants[variant])
+    x = testing.make_inputs(gated_delta_rule, regime, **dict(DIMS, T=T), seed=3, variant=variant)
+    x["initial_state"] = np.random.default_rng(4).standard_normal((2, 2, 5, 4))   # its own generator
     return dict(x, g=np.repeat(x["g"][..., None], 5, axis=-1)), x
 
 
@@ -82,13 +49,15 @@ def _constant_gate_pair(regime, variant, T=13):
 @pytest.mark.parametrize("regime", ["typical", "fast_forgetting", "hard_reset"])
 def test_constant_gate_over_K_is_gated_delta_rule(regime, variant):
     xk, xg = _constant_gate_pair(regime, variant)
-    do, dht = _cotangents(xk)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", xk))
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, xk), _run(gated_delta_rule, form, xg), name=form)
-        got, ref = _vjp(op, form, xk, do, dht), _vjp(gated_delta_rule, form, xg, do, dht)
+        testing.assert_close(testing.run(op, form, xk, chunk_size=C),
+                             testing.run(gated_delta_rule, form, xg, chunk_size=C), name=form)
+        got = testing.vjp(op, form, xk, do, dht, chunk_size=C)
+        ref = testing.vjp(gated_delta_rule, form, xg, do, dht, chunk_size=C)
         got = dict(got, g=got["g"].sum(-1))                         # dg(gated) = sum_k dg(kda)
         testing.assert_close({n: got[n] for n in GRADS}, {n: ref[n] for n in GRADS}, name=f"{form}_vjp")
-    testing.assert_close(_steps(op, xk), _steps(gated_delta_rule, xg), name="step")
+    testing.assert_close(testing.run_steps(op, xk), testing.run_steps(gated_delta_rule, xg), name="step")
     opts = op.SPEC.variants[variant]
     testing.assert_close(op.attention_matrix(xk["q"], xk["k"], xk["g"], xk["beta"], **opts),
                          gated_delta_rule.attention_matrix(xg["q"], xg["k"], xg["g"], xg["beta"], **opts),
@@ -123,15 +92,16 @@ def test_fast_and_exact_intra_chunk_paths_agree_with_recurrent(monkeypatch, path
     monkeypatch.setitem(_decay.FAST_BOUND, np.dtype(dtype), np.inf if path == "fast" else 0.0)
     monkeypatch.setattr(_delta, "chunk_decay", spy)
     tier = testing.tier_for(dtype)
-    x = _inputs(T=23, regime="typical", variant="l2norm_sigmoid", dtype=dtype)
+    x = testing.make_inputs(op, regime="typical", **dict(DIMS, T=23), variant="l2norm_sigmoid", dtype=dtype,
+                            initial_state=True)
     x64 = testing.as_float64(x)
-    ref = _run(op, "recurrent", x64)
-    do, dht = _cotangents(x64)
-    gref = _vjp(op, "recurrent", x64, do, dht)
+    ref = testing.run(op, "recurrent", x64)
+    do, dht = testing.cotangents(*ref)
+    gref = testing.vjp(op, "recurrent", x64, do, dht)
     for form, C in (("parallel", None), ("chunkwise", 1), ("chunkwise", 8), ("chunkwise", 23)):
         seen.clear()
-        testing.assert_close(_run(op, form, x, C), ref, tier, name=f"{form} C={C}")
-        got = _vjp(op, form, x, do.astype(dtype), dht.astype(dtype), C)
+        testing.assert_close(testing.run(op, form, x, chunk_size=C), ref, tier, name=f"{form} C={C}")
+        got = testing.vjp(op, form, x, do.astype(dtype), dht.astype(dtype), chunk_size=C)
         testing.assert_close({n: got[n] for n in GRADS}, {n: gref[n] for n in GRADS}, tier,
                              name=f"{form}_vjp C={C}")
         assert seen and all(f.all() if path == "fast" else not f.any() for f in seen), (form, C)
@@ -139,24 +109,24 @@ def test_fast_and_exact_intra_chunk_paths_agree_with_recurrent(monkeypatch, path
 
 def test_default_bound_takes_both_paths_in_one_call():
     """Fast forgetting in float32 with chunks of 64: ranges above 60 go exact, short chunks fast."""
-    x = _inputs(T=128, regime="fast_forgetting", dtype=np.float32)
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=128), dtype=np.float32, initial_state=True)
     x["g"][:, :64] *= 0.1                                           # a slow first chunk
     d = _delta._chunk_decays(x["g"], x["k"], 64, None)
     assert d.fast.any() and not d.fast.all()
-    ref = _run(op, "recurrent", testing.as_float64(x))
-    testing.assert_close(_run(op, "chunkwise", x, 64), ref, "float32")
+    ref = testing.run(op, "recurrent", testing.as_float64(x))
+    testing.assert_close(testing.run(op, "chunkwise", x, chunk_size=64), ref, "float32")
 
 
 # ----------------------------------------------------------------------------- resets
 def test_whole_step_reset_forgets_everything_before_it():
-    x = _inputs(T=12, regime="typical")
+    x = testing.make_inputs(op, regime="typical", **dict(DIMS, T=12), initial_state=True)
     x["g"][:, 6] = -np.inf
     other = dict(x, initial_state=-x["initial_state"], v=x["v"].copy(), k=x["k"].copy())
     other["v"][:, :6] *= -3.0
     other["k"][:, :6] = x["k"][:, 5::-1]
     for form in FORWARDS:
-        o1, h1 = _run(op, form, x)
-        o2, h2 = _run(op, form, other)
+        o1, h1 = testing.run(op, form, x, chunk_size=C)
+        o2, h2 = testing.run(op, form, other, chunk_size=C)
         testing.assert_close((o1[:, 6:], h1), (o2[:, 6:], h2), name=form)
         assert not testing.compare(o1[:, :6], o2[:, :6]).ok             # the change is visible before
 
@@ -164,7 +134,7 @@ def test_whole_step_reset_forgets_everything_before_it():
 def test_single_channel_reset_zeroes_that_row_and_its_gradient():
     """g[t, c] = -inf zeroes row c of the decayed state S'_t; d/dg there is exactly 0 in the loop
     (d exp(g)/dg = 0) and a cancelling sum elsewhere; nothing is NaN."""
-    x = _inputs(T=10, B=1, HV=2, regime="typical")
+    x = testing.make_inputs(op, regime="typical", **dict(DIMS, T=10, B=1, HV=2), initial_state=True)
     x["g"][0, 4, 0, 2] = -np.inf
     x["g"][0, 7, 1, [0, 3]] = -np.inf
     inter = op.chunk_intermediates(*(x[n][:, :, :1] for n in ("q", "k", "v", "g", "beta")),
@@ -174,10 +144,10 @@ def test_single_channel_reset_zeroes_that_row_and_its_gradient():
     S_dec = np.exp(x["g"][0, 4, 0])[:, None] * S3
     assert np.all(S_dec[2] == 0)
     testing.assert_close(S4, S_dec + b4 * np.outer(k4, v4 - S_dec.T @ k4))
-    do, dht = _cotangents(x)
-    zero_scale = np.abs(_vjp(op, "recurrent", x, do, dht)["g"]).max()
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
+    zero_scale = np.abs(testing.vjp(op, "recurrent", x, do, dht)["g"]).max()
     for form in FORWARDS:
-        grads = _vjp(op, form, x, do, dht)
+        grads = testing.vjp(op, form, x, do, dht, chunk_size=C)
         assert all(np.isfinite(grads[n]).all() for n in GRADS), form
         at_resets = np.array([grads["g"][0, 4, 0, 2], *grads["g"][0, 7, 1, [0, 3]]])
         if form == "recurrent":
@@ -188,24 +158,25 @@ def test_single_channel_reset_zeroes_that_row_and_its_gradient():
 
 @pytest.mark.parametrize("form", FORWARDS + ("step",))
 def test_beta_zero_is_pure_per_channel_decay(form):
-    x = _inputs(regime="hard_reset")
+    x = testing.make_inputs(op, regime="hard_reset", **DIMS, initial_state=True)
     x["beta"] = np.zeros_like(x["beta"])
     G = np.cumsum(x["g"], axis=1)                                   # [B, T, HV, K]
     S = np.exp(G)[..., None] * x["initial_state"][:, None]          # [B, T, HV, K, V]
     q = np.repeat(x["q"], 2, axis=2)                                # grouped heads
     o_ref = 5 ** -0.5 * np.einsum("bthk,bthkv->bthv", q, S)
-    got = _steps(op, x) if form == "step" else _run(op, form, x)
+    got = testing.run_steps(op, x) if form == "step" else testing.run(op, form, x, chunk_size=C)
     testing.assert_close(got, (o_ref, S[:, -1]), name=form)
 
 
 # ----------------------------------------------------------------------------- grouped heads
 def test_grouped_heads_equal_repeating_q_and_k():
-    x = _inputs(H=2, HV=4, regime="hard_reset")
+    x = testing.make_inputs(op, regime="hard_reset", **dict(DIMS, H=2, HV=4), initial_state=True)
     rep = dict(x, q=np.repeat(x["q"], 2, axis=2), k=np.repeat(x["k"], 2, axis=2))
-    do, dht = _cotangents(x)
+    do, dht = testing.cotangents(*testing.run(op, "recurrent", x))
     for form in FORWARDS:
-        testing.assert_close(_run(op, form, x), _run(op, form, rep), name=form)
-        got, ref = _vjp(op, form, x, do, dht), _vjp(op, form, rep, do, dht)
+        testing.assert_close(testing.run(op, form, x, chunk_size=C),
+                             testing.run(op, form, rep, chunk_size=C), name=form)
+        got, ref = testing.vjp(op, form, x, do, dht, chunk_size=C), testing.vjp(op, form, rep, do, dht, chunk_size=C)
         for n in ("q", "k"):
             testing.assert_close(got[n], ref[n].reshape(got[n].shape[:2] + (2, 2, -1)).sum(3), name=f"d{n}")
         for n in ("v", "g", "beta", "initial_state"):
@@ -232,32 +203,32 @@ def test_state_stays_bounded_for_unit_keys():
 # ----------------------------------------------------------------------------- validation
 @pytest.mark.parametrize("form", FORWARDS)
 def test_gate_with_the_wrong_key_size_is_rejected(form):
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     with pytest.raises(InputError, match=r"kda: argument 'g' has K=4 at axis 3, but K=5 from argument 'q'"):
-        _run(op, form, dict(x, g=x["g"][..., :4]))
+        testing.run(op, form, dict(x, g=x["g"][..., :4]), chunk_size=C)
     with pytest.raises(InputError, match=r"kda: argument 'g' must have shape \[B, T, HV, K\].*rank 4.*rank 3"):
-        _run(op, form, dict(x, g=x["g"][..., 0]))                   # a scalar gate is gated_delta_rule's
+        testing.run(op, form, dict(x, g=x["g"][..., 0]), chunk_size=C)     # a scalar gate is gated_delta_rule's
 
 
 def test_positive_log_gate_is_rejected():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     g = x["g"].copy()
     g[1, 3, 0, 2] = 0.25
     with pytest.raises(InputError, match=r"kda: argument 'g' is a log decay and must be <= 0.*"
                                          r"0\.25.* at index \(1, 3, 0, 2\)"):
-        _run(op, "chunkwise", dict(x, g=g))
+        testing.run(op, "chunkwise", dict(x, g=g), chunk_size=C)
     with pytest.raises(InputError, match=r"argument 'g' is a log decay"):
         op.recurrent_vjp(**dict(x, g=g), do=np.zeros((2, 13, 2, 4)))
 
 
 def test_beta_outside_0_2_and_bad_options_are_rejected():
-    x = _inputs()
+    x = testing.make_inputs(op, **DIMS, initial_state=True)
     beta = x["beta"].copy()
     beta[1, 2, 0] = 2.01
     with pytest.raises(InputError, match=r"kda: argument 'beta' must lie in \[0, 2\].*at index \(1, 2, 0\)"):
-        _run(op, "parallel", dict(x, beta=beta))
+        testing.run(op, "parallel", dict(x, beta=beta))
     with pytest.raises(InputError, match=r"kda: option 'beta_activation' must be one of"):
-        _run(op, "recurrent", dict(x, beta_activation="softplus"))
+        testing.run(op, "recurrent", dict(x, beta_activation="softplus"))
 
 
 # ----------------------------------------------------------------------------- intermediates
@@ -265,7 +236,7 @@ def test_intermediates_match_the_recurrence_with_per_channel_decay():
     """S_in are the loop's states at chunk starts, v_new the new values written, and
     diag(Gamma_C) - K_end^T w is the chunk's product of transitions (I - b k k^T) diag(a_t)."""
     C, T, K = 4, 11, 5
-    x = _inputs(T=T, B=1, H=1, HV=1, regime="fast_forgetting")
+    x = testing.make_inputs(op, regime="fast_forgetting", **dict(DIMS, T=T, B=1, H=1, HV=1), initial_state=True)
     x["g"][0, 5, 0, [1, 4]] = -np.inf                               # a partial reset inside chunk 1
     inter = op.chunk_intermediates(x["q"], x["k"], x["v"], x["g"], x["beta"], chunk_size=C,
                                    initial_state=x["initial_state"])
@@ -301,11 +272,11 @@ def test_intermediates_match_the_recurrence_with_per_channel_decay():
 
 
 def test_attention_matrix_maps_v_to_o_with_per_channel_decay_and_resets():
-    x = _inputs(T=10, regime="hard_reset", variant="l2norm_sigmoid")
+    x = testing.make_inputs(op, regime="hard_reset", **dict(DIMS, T=10), variant="l2norm_sigmoid", initial_state=True)
     x0 = dict(x, initial_state=np.zeros_like(x["initial_state"]))
     M = op.attention_matrix(x["q"], x["k"], x["g"], x["beta"], use_qk_l2norm_in_kernel=True,
                             beta_activation="sigmoid")                   # [B, HV, T, T]
     o = np.moveaxis(M @ np.moveaxis(x["v"], 1, 2), 2, 1)                 # [B, T, HV, V]
-    testing.assert_close(o, _run(op, "recurrent", x0)[0])
+    testing.assert_close(o, testing.run(op, "recurrent", x0)[0])
     assert np.all(np.triu(M, 1) == 0)
     assert np.all(M[:, :, 5:, :5] == 0)                                  # g = -inf at t = 5 (T // 2)
