@@ -86,7 +86,7 @@ import numpy as np
 from .. import _regimes
 from .._decay import FAST_BOUND, cumsum_in_chunks, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import reverse_steps, segsum
+from .._scan import reverse_steps, segsum, sigmoid
 from .._spec import Arg, OpSpec
 from .._validation import InputError
 from . import gla
@@ -200,11 +200,6 @@ class GateGrads(NamedTuple):
     dz: Optional[np.ndarray]
 
 
-def _sigmoid(x):
-    """1 / (1 + e^-x) without overflow, in x's dtype."""
-    return 0.5 * (1.0 + np.tanh(0.5 * x))
-
-
 def _check_A(A):
     bad = A > 0
     if bad.any():
@@ -236,13 +231,13 @@ def _step_sizes(delta, A, delta_bias, delta_softplus):
 def _step_size_slope(delta, delta_bias, delta_softplus):
     """d dt / d delta (= d dt / d delta_bias): sigmoid(delta + bias) with softplus, else 1."""
     x = delta if delta_bias is None else delta + delta_bias
-    return _sigmoid(x) if delta_softplus else np.ones_like(x)
+    return sigmoid(x) if delta_softplus else np.ones_like(x)
 
 
 def _gated_output(y_ssm, u, D, z):
     """y = (y_ssm + D u) * silu(z), the optional parts skipped when None. All [B, T, D]."""
     y = y_ssm if D is None else y_ssm + D * u
-    return y if z is None else y * (z * _sigmoid(z))
+    return y if z is None else y * (z * sigmoid(z))
 
 
 def _gated_output_vjp(y_ssm, u, D, z, do) -> GateGrads:
@@ -252,7 +247,7 @@ def _gated_output_vjp(y_ssm, u, D, z, do) -> GateGrads:
         dy, dz = do, None
     else:
         y = y_ssm if D is None else y_ssm + D * u                   # output before the gate
-        sig = _sigmoid(z)
+        sig = sigmoid(z)
         dy = do * z * sig                                           # do * silu(z)
         dz = do * y * sig * (1 + z * (1 - sig))                     # do * y * silu'(z)
     if D is None:
