@@ -1,0 +1,45 @@
+"""Pieces every Numba kernel shares: how work is split over threads and checkpoint blocks."""
+from __future__ import annotations
+
+import math
+
+import numba as nb
+import numpy as np
+
+# A value block narrower than this costs more in per-task overhead than it gains in threads.
+MIN_VALUE_BLOCK = 16
+
+
+def contiguous(*arrays):
+    """C-contiguous, writeable versions (no copy when already so). Kernels index the last axis
+    innermost, and one array type per dtype means one compilation per kernel and dtype
+    (read-only or strided inputs would each compile their own specialisation)."""
+    return tuple(np.require(a, requirements=("C_CONTIGUOUS", "WRITEABLE")) for a in arrays)
+
+
+def full(x, shape):
+    """x broadcast to shape as a contiguous array (a per-head or per-token gate made per-channel)."""
+    return contiguous(np.broadcast_to(x, shape))[0]
+
+
+def n_value_blocks(tasks: int, V: int) -> int:
+    """How many blocks to split the value axis into so that tasks * blocks >= the Numba thread
+    count (1 when batch x heads already fill the threads)."""
+    threads = nb.get_num_threads()
+    if tasks >= threads:
+        return 1
+    return max(1, min(math.ceil(threads / max(tasks, 1)), V // MIN_VALUE_BLOCK))
+
+
+@nb.njit(inline="always")
+def value_block(V, n_blocks, jb):
+    """Columns [j0, j1) of value block jb of n_blocks (sizes differ by at most one)."""
+    base, extra = V // n_blocks, V % n_blocks
+    j0 = jb * base + min(jb, extra)
+    return j0, j0 + base + (1 if jb < extra else 0)
+
+
+def block_length(T: int) -> int:
+    """Checkpoint spacing of a reverse walk over T steps: ~sqrt(T), so that checkpoints and one
+    recomputed block take O(sqrt(T)) states together."""
+    return max(1, math.isqrt(max(T - 1, 0)) + 1)

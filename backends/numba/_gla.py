@@ -1,0 +1,289 @@
+"""Numba kernels of the diagonally gated outer-product recurrence, and the op cores built on it.
+
+The recurrence (per batch b and head h; S is K x V):
+
+    S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T,      o_t = scale S_t^T q_t
+
+covers linear_attention (gk = gv = 0), retnet (gk_t[i] = g[h]), simple_gla (gk_t[i] = g_t),
+and gla (gk_t = g_t per key channel, optional gv_t per value channel). Its adjoint, walking
+t = T-1 .. 0 with dS = dL/dS_t (dS_T = dht), is the reference's ``recurrent_vjp``:
+
+    dS    += scale q_t do_t^T
+    dq_t   = scale S_t do_t,      dk_t = dS v_t,      dv_t = dS^T k_t
+    P      = diag(a_t) S_{t-1} diag(b_t)              (a = exp(gk), b = exp(gv))
+    dgk_t  = rowsum(dS * P),      dgv_t = colsum(dS * P)
+    dS     = diag(a_t) dS diag(b_t)                    (now dL/dS_{t-1}; dS_0 is dh0)
+
+Kernel layout: one task per (b, h, value block); the columns j of S are independent in both
+directions (every update is columnwise, only the sums over j in dq, dk and dgk couple them), so
+when B*H is smaller than the thread count the V axis is split into ``n_vblocks`` blocks and
+those three gradients are summed over blocks afterwards. The state lives in a local K x W array;
+the backward keeps checkpoints of it every L steps and recomputes one block of L states at a
+time: O((T/L + L) K W) memory per task, L ~ sqrt(T), like ``linrec_ref._scan.reverse_steps``.
+"""
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+from linrec_ref.ops import linear_attention as np_linear_attention
+from linrec_ref.ops import retnet as np_retnet
+
+from ._common import block_length, contiguous, full, n_value_blocks, value_block
+
+# ------------------------------------------------------------------------------ kernels
+@nb.njit(parallel=True, cache=True, nogil=True)
+def gated_forward(q, k, v, gk, gv, use_gv, scale, S0, n_vblocks, o, ST):
+    """o [B, T, H, V] and ST [B, H, K, V] (written) from q, k, gk [B, T, H, K], v, gv
+    [B, T, H, V] (gv read only when use_gv), S0 [B, H, K, V]; scale of the inputs' dtype."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    for task in nb.prange(B * H * n_vblocks):
+        bh, jb = task // n_vblocks, task % n_vblocks   # (divmod does not type in prange)
+        b, h = bh // H, bh % H
+        j0, j1 = value_block(V, n_vblocks, jb)
+        W = j1 - j0
+        S = np.empty((K, W), dtype=S0.dtype)                     # the state's columns j0..j1
+        for i in range(K):
+            for j in range(W):
+                S[i, j] = S0[b, h, i, j0 + j]
+        bv = np.ones(W, dtype=S0.dtype)                          # exp(gv_t), 1 without gv
+        acc = np.empty(W, dtype=S0.dtype)                        # S_t^T q_t
+        for t in range(T):
+            _value_gates(bv, gv, use_gv, b, t, h, j0)
+            acc[:] = 0
+            for i in range(K):
+                a = np.exp(gk[b, t, h, i])
+                ki = k[b, t, h, i]
+                qi = q[b, t, h, i]
+                for j in range(W):
+                    s = a * S[i, j] * bv[j] + ki * v[b, t, h, j0 + j]
+                    S[i, j] = s
+                    acc[j] += qi * s
+            for j in range(W):
+                o[b, t, h, j0 + j] = scale * acc[j]
+        for i in range(K):
+            for j in range(W):
+                ST[b, h, i, j0 + j] = S[i, j]
+
+
+@nb.njit(inline="always")
+def _value_gates(bv, gv, use_gv, b, t, h, j0):
+    """bv <- exp(gv_t) on the block's columns (left at 1 without gv)."""
+    if use_gv:
+        for j in range(bv.shape[0]):
+            bv[j] = np.exp(gv[b, t, h, j0 + j])
+
+
+@nb.njit(inline="always")
+def _advance(S, bv, b, t, h, j0, k, v, gk):
+    """S <- diag(a_t) S diag(b_t) + k_t v_t^T in place (the block's columns j0..; bv = b_t)."""
+    K, W = S.shape
+    for i in range(K):
+        a = np.exp(gk[b, t, h, i])
+        ki = k[b, t, h, i]
+        for j in range(W):
+            S[i, j] = a * S[i, j] * bv[j] + ki * v[b, t, h, j0 + j]
+
+
+@nb.njit(parallel=True, cache=True, nogil=True)
+def gated_backward(q, k, v, gk, gv, use_gv, scale, S0, do, dST, n_vblocks, L, zero,
+                   dq_part, dk_part, dgk_part, dv, dgv, dS0):
+    """The adjoint walk (module docstring). Writes dv, dgv (when use_gv), dS0 and the per-value-
+    block partial sums dq_part, dk_part, dgk_part [n_vblocks, B, T, H, K]. zero: 0 in the
+    inputs' dtype (sums are accumulated in it, as the reference does)."""
+    B, T, H, K = q.shape
+    V = v.shape[3]
+    NB = (T + L - 1) // L                                       # checkpoint blocks
+    for task in nb.prange(B * H * n_vblocks):
+        bh, jb = task // n_vblocks, task % n_vblocks   # (divmod does not type in prange)
+        b, h = bh // H, bh % H
+        j0, j1 = value_block(V, n_vblocks, jb)
+        W = j1 - j0
+        # forward: S at the start of every block of L steps
+        ck = np.empty((NB, K, W), dtype=S0.dtype)
+        S = np.empty((K, W), dtype=S0.dtype)
+        for i in range(K):
+            for j in range(W):
+                S[i, j] = S0[b, h, i, j0 + j]
+        bv = np.ones(W, dtype=S0.dtype)
+        for n in range(NB):
+            ck[n] = S
+            for t in range(n * L, min(T, (n + 1) * L)):
+                _value_gates(bv, gv, use_gv, b, t, h, j0)
+                _advance(S, bv, b, t, h, j0, k, v, gk)
+        # backward, one block at a time: recompute its states, then walk it in reverse
+        dS = np.empty((K, W), dtype=S0.dtype)
+        for i in range(K):
+            for j in range(W):
+                dS[i, j] = dST[b, h, i, j0 + j]
+        states = np.empty((L + 1, K, W), dtype=S0.dtype)         # S_{t0-1}, S_{t0}, ..
+        for n in range(NB - 1, -1, -1):
+            t0 = n * L
+            t1 = min(T, t0 + L)
+            states[0] = ck[n]
+            for t in range(t0, t1):
+                states[t - t0 + 1] = states[t - t0]
+                _value_gates(bv, gv, use_gv, b, t, h, j0)
+                _advance(states[t - t0 + 1], bv, b, t, h, j0, k, v, gk)
+            for t in range(t1 - 1, t0 - 1, -1):
+                S_prev = states[t - t0]
+                S_t = states[t - t0 + 1]
+                _value_gates(bv, gv, use_gv, b, t, h, j0)
+                if use_gv:
+                    for j in range(W):
+                        dgv[b, t, h, j0 + j] = 0
+                for i in range(K):
+                    a = np.exp(gk[b, t, h, i])
+                    sq = scale * q[b, t, h, i]
+                    ki = k[b, t, h, i]
+                    dq_i = zero
+                    dk_i = zero
+                    dg_i = zero
+                    for j in range(W):
+                        d = dS[i, j] + sq * do[b, t, h, j0 + j]  # read of S_t
+                        dq_i += S_t[i, j] * do[b, t, h, j0 + j]
+                        dk_i += d * v[b, t, h, j0 + j]
+                        dSP = d * (a * S_prev[i, j] * bv[j])
+                        dg_i += dSP
+                        if use_gv:
+                            dgv[b, t, h, j0 + j] += dSP
+                        dS[i, j] = d
+                    dq_part[jb, b, t, h, i] = scale * dq_i
+                    dk_part[jb, b, t, h, i] = dk_i
+                    dgk_part[jb, b, t, h, i] = dg_i
+                for j in range(W):                               # dv_t = dS^T k_t
+                    acc = zero
+                    for i in range(K):
+                        acc += k[b, t, h, i] * dS[i, j]
+                    dv[b, t, h, j0 + j] = acc
+                for i in range(K):                               # to dL/dS_{t-1}
+                    a = np.exp(gk[b, t, h, i])
+                    for j in range(W):
+                        dS[i, j] = a * dS[i, j] * bv[j]
+        for i in range(K):
+            for j in range(W):
+                dS0[b, h, i, j0 + j] = dS[i, j]
+
+
+# ------------------------------------------------------------------------------ drivers
+def forward(q, k, v, gk, gv, scale, S0):
+    """(o, S_T) of the recurrence; gk broadcastable to q's shape, gv to v's or None."""
+    B, T, H, K = q.shape
+    dtype = v.dtype
+    q, k, v, S0 = contiguous(q, k, v, S0)
+    gk = full(gk, q.shape)
+    use_gv = gv is not None
+    gv = full(gv, v.shape) if use_gv else np.zeros((1, 1, 1, 1), dtype)
+    nvb = n_value_blocks(B * H, v.shape[3])
+    o = np.empty(v.shape, dtype)
+    ST = np.empty(S0.shape, dtype)
+    gated_forward(q, k, v, gk, gv, use_gv, dtype.type(scale), S0, nvb, o, ST)
+    return o, ST
+
+
+def backward(q, k, v, gk, gv, scale, S0, do, dST):
+    """Gradients (dq, dk, dv, dgk [B, T, H, K], dgv or None, dS0) of the recurrence."""
+    B, T, H, K = q.shape
+    dtype = v.dtype
+    q, k, v, S0, do, dST = contiguous(q, k, v, S0, do, dST)
+    gk = full(gk, q.shape)
+    use_gv = gv is not None
+    gv = full(gv, v.shape) if use_gv else np.zeros((1, 1, 1, 1), dtype)
+    nvb = n_value_blocks(B * H, v.shape[3])
+    parts = [np.empty((nvb,) + q.shape, dtype) for _ in range(3)]
+    dv = np.empty(v.shape, dtype)
+    dgv = np.empty(v.shape, dtype) if use_gv else np.zeros((1, 1, 1, 1), dtype)
+    dS0 = np.empty(S0.shape, dtype)
+    gated_backward(q, k, v, gk, gv, use_gv, dtype.type(scale), S0, do, dST, nvb,
+                   block_length(T), dtype.type(0), *parts, dv, dgv, dS0)
+    dq, dk, dgk = (p[0] if nvb == 1 else p.sum(0) for p in parts)
+    return dq, dk, dv, dgk, (dgv if use_gv else None), dS0
+
+
+# ------------------------------------------------------------------------------ op cores
+# The dense cores the validation layer wraps (same names and keywords as the NumPy cores).
+def la_recurrent(q, k, v, *, scale, initial_state, normalize):
+    if normalize:     # the normalised variant keeps the NumPy loop (a second state, a division)
+        return np_linear_attention.recurrent.core(q, k, v, scale=scale, initial_state=initial_state,
+                                                  normalize=normalize)
+    return forward(q, k, v, np.zeros((1, 1, 1, 1), q.dtype), None, scale, initial_state)
+
+
+def la_recurrent_vjp(q, k, v, do, dht, *, scale, initial_state, normalize):
+    if normalize:
+        return np_linear_attention.recurrent_vjp.core(q, k, v, do=do, dht=dht, scale=scale,
+                                                      initial_state=initial_state, normalize=normalize)
+    dq, dk, dv, _, _, dS0 = backward(q, k, v, np.zeros((1, 1, 1, 1), q.dtype), None, scale,
+                                     initial_state, do, dht)
+    return {"q": dq, "k": dk, "v": dv, "initial_state": dS0}
+
+
+def _retnet_gate(g, q):
+    return np_retnet._log_decay(g, q)[None, None, :, None]              # [1, 1, H, 1]
+
+
+def retnet_recurrent(q, k, v, g, *, scale, initial_state):
+    return forward(q, k, v, _retnet_gate(g, q), None, scale, initial_state)
+
+
+def retnet_recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
+    dq, dk, dv, dgk, _, dS0 = backward(q, k, v, _retnet_gate(g, q), None, scale, initial_state, do, dht)
+    return {"q": dq, "k": dk, "v": dv, "g": dgk.sum(axis=(0, 1, 3)), "initial_state": dS0}
+
+
+def simple_gla_recurrent(q, k, v, g, *, scale, initial_state):
+    return forward(q, k, v, g[..., None], None, scale, initial_state)
+
+
+def simple_gla_recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
+    dq, dk, dv, dgk, _, dS0 = backward(q, k, v, g[..., None], None, scale, initial_state, do, dht)
+    return {"q": dq, "k": dk, "v": dv, "g": dgk.sum(-1), "initial_state": dS0}
+
+
+def gla_recurrent(q, k, v, g, gv, *, scale, initial_state):
+    return forward(q, k, v, g, gv, scale, initial_state)
+
+
+def gla_recurrent_vjp(q, k, v, g, gv, do, dht, *, scale, initial_state):
+    dq, dk, dv, dg, dgv, dS0 = backward(q, k, v, g, gv, scale, initial_state, do, dht)
+    return {"q": dq, "k": dk, "v": dv, "g": dg, "gv": dgv, "initial_state": dS0}
+
+
+def _token(x):
+    """A step's [B, ...] input as a one-token sequence [B, 1, ...] (None stays None)."""
+    return None if x is None else x[:, None]
+
+
+def la_step(q, k, v, *, state, scale, normalize):
+    if normalize:
+        return np_linear_attention.step.core(q, k, v, state=state, scale=scale, normalize=normalize)
+    o, S = la_recurrent(_token(q), _token(k), _token(v), scale=scale, initial_state=state,
+                        normalize=normalize)
+    return o[:, 0], S
+
+
+def retnet_step(q, k, v, g, *, state, scale):
+    o, S = retnet_recurrent(_token(q), _token(k), _token(v), g, scale=scale, initial_state=state)
+    return o[:, 0], S
+
+
+def simple_gla_step(q, k, v, g, *, state, scale):
+    o, S = simple_gla_recurrent(_token(q), _token(k), _token(v), _token(g), scale=scale,
+                                initial_state=state)
+    return o[:, 0], S
+
+
+def gla_step(q, k, v, g, gv, *, state, scale):
+    o, S = gla_recurrent(_token(q), _token(k), _token(v), _token(g), _token(gv), scale=scale,
+                         initial_state=state)
+    return o[:, 0], S
+
+
+CORES = {
+    "linear_attention": {"recurrent": la_recurrent, "recurrent_vjp": la_recurrent_vjp, "step": la_step},
+    "retnet": {"recurrent": retnet_recurrent, "recurrent_vjp": retnet_recurrent_vjp, "step": retnet_step},
+    "simple_gla": {"recurrent": simple_gla_recurrent, "recurrent_vjp": simple_gla_recurrent_vjp,
+                   "step": simple_gla_step},
+    "gla": {"recurrent": gla_recurrent, "recurrent_vjp": gla_recurrent_vjp, "step": gla_step},
+}
