@@ -6,6 +6,11 @@ import math
 import numba as nb
 import numpy as np
 
+# Backward kernels sum over the value axis in their innermost loops (dq, dk, dg); a float sum
+# vectorises only when LLVM may reassociate it. Only reassociation and contraction (FMA) are
+# allowed: no "no NaN / no inf" assumptions, since log gates of -inf (hard resets) are valid.
+REDUCTIONS = {"reassoc", "contract"}
+
 # A value block narrower than this costs more in per-task overhead than it gains in threads.
 MIN_VALUE_BLOCK = 16
 

@@ -29,36 +29,40 @@ from linrec_ref.ops import gated_delta_rule as np_gdr
 from linrec_ref.ops import kda as np_kda
 from linrec_ref.ops.delta_rule import SPEC as DELTA_RULE_SPEC
 
-from ._common import block_length, contiguous, full, n_value_blocks, value_block
+from ._common import REDUCTIONS, block_length, contiguous, full, n_value_blocks, value_block
 
 
 # ------------------------------------------------------------------------------ kernels
+# Inner loops run over 1-D row views (see _gla: 3-4x faster than 4-D indexing there).
 @nb.njit(inline="always")
 def _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero):
-    """S_{t-1} -> S_t in place on the block's columns; returns nothing, leaves S_t^T q_t in r."""
+    """S_{t-1} -> S_t in place on the block's columns; leaves S_t^T q_t in r."""
     K, W = S.shape
+    qt, kt, gt, vt = q[b, t, h], k[b, t, h], gk[b, t, h], v[b, t, h, j0:j0 + W]
     r[:] = zero
     for i in range(K):                                          # S' = diag(a) S, r = S'^T k
-        a = np.exp(gk[b, t, h, i])
-        ki = k[b, t, h, i]
+        a = np.exp(gt[i])
+        ki = kt[i]
+        Si = S[i]
         for j in range(W):
-            s = a * S[i, j]
-            S[i, j] = s
+            s = a * Si[j]
+            Si[j] = s
             r[j] += ki * s
     bt = beta[b, t, h]
     for j in range(W):                                          # delta = beta (v - r)
-        d[j] = bt * (v[b, t, h, j0 + j] - r[j])
+        d[j] = bt * (vt[j] - r[j])
     r[:] = zero
     for i in range(K):                                          # S = S' + k delta^T, read q
-        ki = k[b, t, h, i]
-        qi = q[b, t, h, i]
+        ki = kt[i]
+        qi = qt[i]
+        Si = S[i]
         for j in range(W):
-            s = S[i, j] + ki * d[j]
-            S[i, j] = s
+            s = Si[j] + ki * d[j]
+            Si[j] = s
             r[j] += qi * s
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
 def delta_forward(q, k, v, gk, beta, scale, S0, n_vblocks, zero, o, ST):
     """o [B, T, H, V] and ST [B, H, K, V] (written); gk [B, T, H, K], beta [B, T, H]."""
     B, T, H, K = q.shape
@@ -68,22 +72,18 @@ def delta_forward(q, k, v, gk, beta, scale, S0, n_vblocks, zero, o, ST):
         b, h = bh // H, bh % H
         j0, j1 = value_block(V, n_vblocks, jb)
         W = j1 - j0
-        S = np.empty((K, W), dtype=S0.dtype)
-        for i in range(K):
-            for j in range(W):
-                S[i, j] = S0[b, h, i, j0 + j]
+        S = S0[b, h, :, j0:j1].copy()                           # [K, W]
         r = np.empty(W, dtype=S0.dtype)
         d = np.empty(W, dtype=S0.dtype)
         for t in range(T):
             _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero)
+            ot = o[b, t, h, j0:j1]
             for j in range(W):
-                o[b, t, h, j0 + j] = scale * r[j]
-        for i in range(K):
-            for j in range(W):
-                ST[b, h, i, j0 + j] = S[i, j]
+                ot[j] = scale * r[j]
+        ST[b, h, :, j0:j1] = S
 
 
-@nb.njit(parallel=True, cache=True, nogil=True)
+@nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
 def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
                    dq_part, dk_part, dgk_part, dbeta_part, dv, dS0):
     """The adjoint walk (module docstring). Writes dv, dS0 and the per-value-block partial sums
@@ -92,25 +92,19 @@ def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
     V = v.shape[3]
     NB = (T + L - 1) // L
     for task in nb.prange(B * H * n_vblocks):
-        bh, jb = task // n_vblocks, task % n_vblocks   # (divmod does not type in prange)
+        bh, jb = task // n_vblocks, task % n_vblocks
         b, h = bh // H, bh % H
         j0, j1 = value_block(V, n_vblocks, jb)
         W = j1 - j0
         r = np.empty(W, dtype=S0.dtype)
         d = np.empty(W, dtype=S0.dtype)
         ck = np.empty((NB, K, W), dtype=S0.dtype)              # S at the start of each block
-        S = np.empty((K, W), dtype=S0.dtype)
-        for i in range(K):
-            for j in range(W):
-                S[i, j] = S0[b, h, i, j0 + j]
+        S = S0[b, h, :, j0:j1].copy()
         for n in range(NB):
             ck[n] = S
             for t in range(n * L, min(T, (n + 1) * L)):
                 _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero)
-        dS = np.empty((K, W), dtype=S0.dtype)
-        for i in range(K):
-            for j in range(W):
-                dS[i, j] = dST[b, h, i, j0 + j]
+        dS = dST[b, h, :, j0:j1].copy()
         states = np.empty((L + 1, K, W), dtype=S0.dtype)
         resid = np.empty(W, dtype=S0.dtype)
         ddelta = np.empty(W, dtype=S0.dtype)
@@ -125,46 +119,49 @@ def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
                 S_prev = states[t - t0]
                 S_t = states[t - t0 + 1]
                 bt = beta[b, t, h]
+                qt, kt, gt = q[b, t, h], k[b, t, h], gk[b, t, h]
+                vt, dot, dvt = v[b, t, h, j0:j1], do[b, t, h, j0:j1], dv[b, t, h, j0:j1]
+                dqt, dkt, dgt = dq_part[jb, b, t, h], dk_part[jb, b, t, h], dgk_part[jb, b, t, h]
                 r[:] = zero                                     # r = S'^T k
                 ddelta[:] = zero                                # dS^T k (dS after the read)
                 for i in range(K):
-                    a = np.exp(gk[b, t, h, i])
-                    ki = k[b, t, h, i]
-                    sq = scale * q[b, t, h, i]
+                    a = np.exp(gt[i])
+                    ki = kt[i]
+                    sq = scale * qt[i]
                     dq_i = zero
+                    dSi, Sti, Spi = dS[i], S_t[i], S_prev[i]
                     for j in range(W):
-                        g = dS[i, j] + sq * do[b, t, h, j0 + j]   # read of S_t
-                        dS[i, j] = g
-                        dq_i += S_t[i, j] * do[b, t, h, j0 + j]
-                        r[j] += ki * (a * S_prev[i, j])
+                        g = dSi[j] + sq * dot[j]                 # read of S_t
+                        dSi[j] = g
+                        dq_i += Sti[j] * dot[j]
+                        r[j] += ki * (a * Spi[j])
                         ddelta[j] += ki * g
-                    dq_part[jb, b, t, h, i] = scale * dq_i
+                    dqt[i] = scale * dq_i
                 dbeta = zero
                 for j in range(W):
-                    resid[j] = v[b, t, h, j0 + j] - r[j]
+                    resid[j] = vt[j] - r[j]
                     d[j] = bt * resid[j]                         # delta
                     dbeta += ddelta[j] * resid[j]
-                    dv[b, t, h, j0 + j] = bt * ddelta[j]
+                    dvt[j] = bt * ddelta[j]
                     ddelta[j] = -bt * ddelta[j]                  # now dr
                 dbeta_part[jb, b, t, h] = dbeta
                 for i in range(K):
-                    a = np.exp(gk[b, t, h, i])
-                    ki = k[b, t, h, i]
+                    a = np.exp(gt[i])
+                    ki = kt[i]
                     dk_write = zero                              # dS delta
                     dk_read = zero                               # S' dr
                     dg_i = zero
+                    dSi, Spi = dS[i], S_prev[i]
                     for j in range(W):
-                        sp = a * S_prev[i, j]
-                        dk_write += dS[i, j] * d[j]
+                        sp = a * Spi[j]
+                        dk_write += dSi[j] * d[j]
                         dk_read += sp * ddelta[j]
-                        dsp = dS[i, j] + ki * ddelta[j]
+                        dsp = dSi[j] + ki * ddelta[j]
                         dg_i += dsp * sp
-                        dS[i, j] = a * dsp
-                    dk_part[jb, b, t, h, i] = dk_write + dk_read
-                    dgk_part[jb, b, t, h, i] = dg_i
-        for i in range(K):
-            for j in range(W):
-                dS0[b, h, i, j0 + j] = dS[i, j]
+                        dSi[j] = a * dsp
+                    dkt[i] = dk_write + dk_read
+                    dgt[i] = dg_i
+        dS0[b, h, :, j0:j1] = dS
 
 
 # ------------------------------------------------------------------------------ drivers
