@@ -46,7 +46,10 @@ def _numba_resolve(op: str, form: str) -> Callable:
 
 def numba_installed() -> bool:
     """Whether Numba can be imported (checked without importing it)."""
-    return importlib.util.find_spec("numba") is not None
+    try:
+        return importlib.util.find_spec("numba") is not None
+    except (ImportError, ValueError):   # a broken or blocked installation counts as missing
+        return False
 
 
 def _auto_resolve(op: str, form: str) -> Callable:

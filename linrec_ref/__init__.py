@@ -30,6 +30,19 @@ from typing import Optional  # noqa: E402
 from . import ops, registry  # noqa: E402
 from ._validation import InputError, MemoryLimitError, memory_limit, set_memory_limit  # noqa: E402
 
+
+def set_backend(name: Optional[str]) -> str:
+    """Make ``name`` ("numpy", "numba", "auto", ...) the backend of calls with backend=None
+    (None restores "auto"); returns the previous default. See ``linrec_ref.backends``."""
+    from . import backends
+    return backends.set_backend(name)
+
+
+def get_backend() -> str:
+    """The backend that backend=None currently stands for ("auto" unless set_backend changed it)."""
+    from . import backends
+    return backends.get_backend()
+
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
@@ -40,7 +53,9 @@ class Op:
     op.vjp(*inputs, do, form="chunkwise", backend=None, ...)   -> {input: gradient}
     op.step(*token_inputs, state, backend=None, ...)           -> (o_t, new_state)
     op.attention_matrix(...)                                   -> [B, H, T, T]
-    backend=None is the default backend, "numpy" (the reference); see ``linrec_ref.backends``.
+    backend=None is the default backend: "auto" (Numba's compiled kernels when Numba is
+    installed, else the NumPy reference) unless ``set_backend`` chose another; "numpy" is the
+    reference itself. See ``linrec_ref.backends``. The numba backend also takes num_threads=n.
     The keyword arguments are those of the form (see ``linrec_ref.ops.<name>``).
     """
 
@@ -111,4 +126,5 @@ rwkv7 = Op("rwkv7")
 softmax_attention = Op("softmax_attention")
 
 __all__ = (["Op", "InputError", "MemoryLimitError", "memory_limit", "set_memory_limit", "ops",
+            "set_backend", "get_backend",
             "registry", "FORMS"] + list(registry.OP_NAMES))

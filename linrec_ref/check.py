@@ -10,6 +10,12 @@ What is compared (the reference is always the float64 recurrent form on the same
                recurrent_vjp against central finite differences (float64).
     carry      running [0, t) then [t, T) with the carried state equals one call.
     varlen     packed sequences (with a zero-length segment) equal separate calls.
+
+With ``backend="numba"`` (or another registered backend) the forms, steps and vjps that backend
+computes itself run there while the reference stays the NumPy float64 loop, and their float64
+results are also held to BACKEND_AGREEMENT against the NumPy form they replace. Forms a backend
+hands to NumPy are the reference's own and are checked by the "numpy" matrix; so are the
+finite-difference rows.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ QUICK_LENGTHS = (1, 7, 64)
 FULL_LENGTHS = (1, 2, 7, 64, 257)
 QUICK_CHUNKS = (1, 3, 16, 10**6)          # 10**6 stands for "chunk size >= T"
 FULL_CHUNKS = (1, 3, 16, 64, 10**6)
+# A backend's float64 result against the NumPy form it replaces: the same arithmetic in another
+# order, so a few ulps; 1e-12 leaves room for reassociated sums over K and V.
+BACKEND_AGREEMENT = testing.Tolerance(1e-12, 1e-12, "a backend's float64 form vs the NumPy form")
 
 
 @dataclass
@@ -37,6 +46,7 @@ class CheckRow:
     T: int
     chunk: Optional[int]
     result: testing.Comparison
+    backend: str = "numpy"
 
     @property
     def ok(self) -> bool:
@@ -51,32 +61,68 @@ def _chunk_label(C, T):
     return f">=T({C})" if C >= T else str(C)
 
 
+def _on(form: str, backend: str) -> str:
+    """A form's name in a row: "chunkwise", or "chunkwise[numba]" on another backend."""
+    return form if backend == "numpy" else f"{form}[{backend}]"
+
+
+def compiled(op: str, form: str, backend: str) -> bool:
+    """Whether ``backend`` runs its own code for op's form (not the NumPy form it falls back to)."""
+    if backend == "numpy":
+        return False
+    if backend in ("numba", "auto"):
+        from . import backends
+        if backends.resolved_name(backend) != "numba":
+            return False
+        from .backends import numba as numba_backend
+        return form in numba_backend.accelerated(op)
+    return True
+
+
 # ------------------------------------------------------------------------------ checks
 def check_forward(op, variant="default", regime="typical", dtype=np.float64, T=16,
-                  chunk_sizes=QUICK_CHUNKS, seed=0, initial_state=True) -> List[CheckRow]:
+                  chunk_sizes=QUICK_CHUNKS, seed=0, initial_state=True, backend="numpy") -> List[CheckRow]:
     dt = np.dtype(dtype)
     x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant,
                             initial_state=initial_state, T=T)
     ref = testing.run(op, "recurrent", testing.as_float64(x))
     tier = testing.tier_for(dt)
-    row = lambda name, res, C=None: CheckRow(op, variant, name, regime, dt.name, T, C, res)
+    row = lambda name, res, C=None: CheckRow(op, variant, name, regime, dt.name, T, C, res, backend)
     rows = []
     ref_name = "recurrent" if dt == np.float64 else "recurrent(f64)"
-    if dt != np.float64:
-        rows.append(row("o,ht: recurrent vs recurrent(f64)",
-                        testing.compare(testing.run(op, "recurrent", x), ref, tier)))
-    rows.append(row(f"o,ht: parallel vs {ref_name}", testing.compare(testing.run(op, "parallel", x), ref, tier)))
-    for C in chunk_sizes:
+    on = lambda form: _on(form, backend)
+
+    def agreement(form, got, C=None):
+        """A compiled float64 form against the NumPy form it replaces."""
+        if dt == np.float64 and compiled(op, form, backend):
+            mine = testing.run_steps(op, x) if form == "step" else testing.run(op, form, x, chunk_size=C)
+            rows.append(row(f"o,ht: {on(form)} vs {form}", testing.compare(got, mine, BACKEND_AGREEMENT),
+                            None if C is None else _chunk_label(C, T)))
+
+    want = lambda form: backend == "numpy" or compiled(op, form, backend)
+    if (dt != np.float64 or backend != "numpy") and want("recurrent"):
+        got = testing.run(op, "recurrent", x, backend=backend)
+        rows.append(row(f"o,ht: {on('recurrent')} vs recurrent(f64)", testing.compare(got, ref, tier)))
+        agreement("recurrent", got)
+    if want("parallel"):
+        rows.append(row(f"o,ht: {on('parallel')} vs {ref_name}",
+                        testing.compare(testing.run(op, "parallel", x, backend=backend), ref, tier)))
+    for C in chunk_sizes if want("chunkwise") else ():
         C = min(C, max(T, 1)) if C >= 10**6 else C
-        rows.append(row(f"o,ht: chunkwise vs {ref_name}",
-                        testing.compare(testing.run(op, "chunkwise", x, chunk_size=C), ref, tier), _chunk_label(C, T)))
-    if T >= 1:
-        rows.append(row(f"o,ht: step loop vs {ref_name}", testing.compare(testing.run_steps(op, x), ref, tier)))
+        got = testing.run(op, "chunkwise", x, chunk_size=C, backend=backend)
+        rows.append(row(f"o,ht: {on('chunkwise')} vs {ref_name}", testing.compare(got, ref, tier),
+                        _chunk_label(C, T)))
+        agreement("chunkwise", got, C)
+    if T >= 1 and want("step"):
+        got = testing.run_steps(op, x, backend=backend)
+        rows.append(row(f"o,ht: {on('step')} loop vs {ref_name}", testing.compare(got, ref, tier)))
+        agreement("step", got)
     return rows
 
 
 def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=16,
-                   chunk_sizes=(3, 10**6), seed=0, fd=True, initial_state=True) -> List[CheckRow]:
+                   chunk_sizes=(3, 10**6), seed=0, fd=True, initial_state=True,
+                   backend="numpy") -> List[CheckRow]:
     spec = registry.spec(op)
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed + 1000)
@@ -94,17 +140,25 @@ def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=
     # a gradient that is exactly zero in theory (e.g. T = 1 without a state) is judged on the
     # scale of the call's other gradients: forms may return rounding noise there
     zero_scale = max(max(float(np.abs(l).max()) for _, l in testing.leaves(ref[n]) if l.size) for n in names)
-    runs = [("recurrent_vjp", None)] if dt != np.float64 else []
+    runs = [("recurrent_vjp", None)] if dt != np.float64 or backend != "numpy" else []
     runs += [("parallel_vjp", None)] + [("chunkwise_vjp", C) for C in chunk_sizes]
+    runs = [(f, C) for f, C in runs if backend == "numpy" or compiled(op, f, backend)]
+    ref_name = "recurrent_vjp" if dt == np.float64 and backend == "numpy" else "recurrent_vjp(f64)"
     for form_vjp, C in runs:
         C = min(C, max(T, 1)) if C is not None and C >= 10**6 else C
-        got = testing.vjp(op, form_vjp[:-4], x, do, dht, chunk_size=C)
+        label = _chunk_label(C, T) if C else None
+        got = testing.vjp(op, form_vjp[:-4], x, do, dht, chunk_size=C, backend=backend)
         for n in names:
             res = testing.compare(got[n], ref[n], tier, name=f"d{n}", zero_scale=zero_scale)
-            ref_name = "recurrent_vjp" if dt == np.float64 else "recurrent_vjp(f64)"
-            rows.append(CheckRow(op, variant, f"d{n}: {form_vjp} vs {ref_name}", regime, dt.name, T,
-                                 _chunk_label(C, T) if C else None, res))
-    if fd and dt == np.float64:
+            rows.append(CheckRow(op, variant, f"d{n}: {_on(form_vjp, backend)} vs {ref_name}", regime,
+                                 dt.name, T, label, res, backend))
+        if dt == np.float64 and compiled(op, form_vjp, backend):
+            mine = testing.vjp(op, form_vjp[:-4], x, do, dht, chunk_size=C)
+            res = testing.compare({n: got[n] for n in names}, {n: mine[n] for n in names},
+                                  BACKEND_AGREEMENT, name="grads")
+            rows.append(CheckRow(op, variant, f"grads: {_on(form_vjp, backend)} vs {form_vjp}", regime,
+                                 dt.name, T, label, res, backend))
+    if fd and dt == np.float64 and backend == "numpy":
         def loss(inputs):
             o_, ht_ = testing.run(op, "recurrent", inputs)
             return testing.inner(do64, o_) + testing.inner(dht64, ht_)
@@ -115,7 +169,7 @@ def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=
 
 
 def check_split_carry(op, variant="default", regime="typical", dtype=np.float64, T=23, split=None,
-                      form="chunkwise", chunk_size=4, seed=0) -> CheckRow:
+                      form="chunkwise", chunk_size=4, seed=0, backend="numpy") -> CheckRow:
     """Running [0, t) then [t, T) with the carried state equals one call (also the gradients'
     initial-state link is covered by the varlen check)."""
     spec = registry.spec(op)
@@ -125,17 +179,17 @@ def check_split_carry(op, variant="default", regime="typical", dtype=np.float64,
     per_token = _per_token_names(spec, x)
     first = {k: (v[:, :t] if k in per_token else v) for k, v in x.items()}
     second = {k: (v[:, t:] if k in per_token else v) for k, v in x.items()}
-    o1, h1 = testing.run(op, form, first, chunk_size=chunk_size)
+    o1, h1 = testing.run(op, form, first, chunk_size=chunk_size, backend=backend)
     second["initial_state"] = h1
-    o2, h2 = testing.run(op, form, second, chunk_size=chunk_size)
-    ref = testing.run(op, form, x, chunk_size=chunk_size)
+    o2, h2 = testing.run(op, form, second, chunk_size=chunk_size, backend=backend)
+    ref = testing.run(op, form, x, chunk_size=chunk_size, backend=backend)
     res = testing.compare((np.concatenate([o1, o2], axis=1), h2), ref, testing.tier_for(dt))
-    return CheckRow(op, variant, f"o,ht: split at t={t} and carry ({form}) vs one call", regime,
-                    dt.name, T, chunk_size if form == "chunkwise" else None, res)
+    return CheckRow(op, variant, f"o,ht: split at t={t} and carry ({_on(form, backend)}) vs one call",
+                    regime, dt.name, T, chunk_size if form == "chunkwise" else None, res, backend)
 
 
 def check_varlen(op, variant="default", regime="typical", dtype=np.float64, lengths=(5, 0, 9, 1),
-                 form="chunkwise", chunk_size=4, seed=0, backward=True) -> List[CheckRow]:
+                 form="chunkwise", chunk_size=4, seed=0, backward=True, backend="numpy") -> List[CheckRow]:
     """Packed sequences (B=1, cu_seqlens) equal separate calls, forward and backward."""
     spec = registry.spec(op)
     dt = np.dtype(dtype)
@@ -145,7 +199,7 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
     per_token = _per_token_names(spec, x)
     h0 = testing.random_state(op, dict(testing.default_dims(op, T=T, B=1), N=len(lengths)), dt,
                               np.random.default_rng(seed + 7), options=spec.variants[variant])
-    packed_o, packed_h = testing.run(op, form, dict(x, initial_state=h0, cu_seqlens=cu), chunk_size=chunk_size)
+    packed_o, packed_h = testing.run(op, form, dict(x, initial_state=h0, cu_seqlens=cu), chunk_size=chunk_size, backend=backend)
     outs, finals = [], []
     for n in range(len(lengths)):
         h0_n = tree_map(lambda s: s[n:n + 1], h0)
@@ -154,18 +208,19 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
             finals.append(h0_n)
             continue
         seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
-        o_n, h_n = testing.run(op, form, dict(seg, initial_state=h0_n), chunk_size=chunk_size)
+        o_n, h_n = testing.run(op, form, dict(seg, initial_state=h0_n), chunk_size=chunk_size, backend=backend)
         outs.append(o_n)
         finals.append(h_n)
     sep_h = concat_segment_states(spec, spec.state_args(spec.variants[variant]), finals)
     tier = testing.tier_for(dt)
     label = f"lengths {list(lengths)}"
-    rows = [CheckRow(op, variant, f"o,ht: varlen {label} vs separate calls ({form})", regime, dt.name, T,
-                     chunk_size, testing.compare((packed_o, packed_h), (np.concatenate(outs, axis=1), sep_h), tier))]
+    rows = [CheckRow(op, variant, f"o,ht: varlen {label} vs separate calls ({_on(form, backend)})", regime,
+                     dt.name, T, chunk_size,
+                     testing.compare((packed_o, packed_h), (np.concatenate(outs, axis=1), sep_h), tier), backend)]
     if backward:
         rng = np.random.default_rng(seed + 11)
         do, dht = testing.cotangents(packed_o, packed_h, rng=rng)
-        g_packed = testing.vjp(op, form, dict(x, initial_state=h0, cu_seqlens=cu), do, dht, chunk_size=chunk_size)
+        g_packed = testing.vjp(op, form, dict(x, initial_state=h0, cu_seqlens=cu), do, dht, chunk_size=chunk_size, backend=backend)
         # separate calls, gradients assembled in the packed layout
         g_sep = {n: np.zeros_like(x[n]) for n in spec.differentiable if x.get(n) is not None}
         dh0 = []
@@ -179,7 +234,7 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
                 continue
             seg = {k: (v[:, lo:hi] if k in per_token else v) for k, v in x.items()}
             g = testing.vjp(op, form, dict(seg, initial_state=tree_map(lambda s: s[n:n + 1], h0)),
-                            do[:, lo:hi], dht_n, chunk_size=chunk_size)
+                            do[:, lo:hi], dht_n, chunk_size=chunk_size, backend=backend)
             for name in g_sep:
                 if name in per_token:
                     g_sep[name][:, lo:hi] = g[name]
@@ -188,38 +243,45 @@ def check_varlen(op, variant="default", regime="typical", dtype=np.float64, leng
             dh0.append(g["initial_state"])
         g_sep["initial_state"] = tree_map(lambda *parts: np.concatenate(parts, axis=0), *dh0)
         got = {k: g_packed[k] for k in g_sep}
-        rows.append(CheckRow(op, variant, f"grads: varlen {label} vs separate calls ({form})", regime,
-                             dt.name, T, chunk_size, testing.compare(got, g_sep, tier)))
+        rows.append(CheckRow(op, variant, f"grads: varlen {label} vs separate calls ({_on(form, backend)})",
+                             regime, dt.name, T, chunk_size, testing.compare(got, g_sep, tier), backend))
     return rows
 
 
 # ------------------------------------------------------------------------------ the matrix
-def matrix(op: str, dtype=np.float64, full: bool = False, seed: int = 0):
-    """Yield the (description, thunk) pairs of the equivalence matrix of one op."""
+def matrix(op: str, dtype=np.float64, full: bool = False, seed: int = 0, backend: str = "numpy"):
+    """Yield the (description, thunk) pairs of the equivalence matrix of one op (on a backend)."""
     spec = registry.spec(op)
     lengths = FULL_LENGTHS if full else QUICK_LENGTHS
     chunks = FULL_CHUNKS if full else QUICK_CHUNKS
+    # the carried-state checks run the form the backend compiles, chunkwise otherwise
+    carry_form = ("recurrent" if compiled(op, "recurrent", backend)
+                  and not compiled(op, "chunkwise", backend) else "chunkwise")
+    bk = dict(backend=backend)
+    if backend != "numpy" and not any(compiled(op, f, backend) for f in ("recurrent", "chunkwise", "step")):
+        return                     # every form of op runs the NumPy reference on this backend
     for variant in spec.variants:
         for regime in spec.regimes:
             for T in lengths:
                 yield (f"{op}/{variant}/{regime}/T={T} forward",
-                       lambda v=variant, r=regime, T=T: check_forward(op, v, r, dtype, T, chunks, seed)
-                       + check_forward(op, v, r, dtype, T, chunks[1:2], seed + 1, initial_state=False))
+                       lambda v=variant, r=regime, T=T: check_forward(op, v, r, dtype, T, chunks, seed, **bk)
+                       + check_forward(op, v, r, dtype, T, chunks[1:2], seed + 1, initial_state=False, **bk))
             for T in ((7, 33) if full else (7,)):
                 yield (f"{op}/{variant}/{regime}/T={T} backward",
-                       lambda v=variant, r=regime, T=T: check_backward(op, v, r, dtype, T, seed=seed)
-                       + check_backward(op, v, r, dtype, T, seed=seed + 1, initial_state=False))
+                       lambda v=variant, r=regime, T=T: check_backward(op, v, r, dtype, T, seed=seed, **bk)
+                       + check_backward(op, v, r, dtype, T, seed=seed + 1, initial_state=False, **bk))
             yield (f"{op}/{variant}/{regime} split-and-carry",
-                   lambda v=variant, r=regime: [check_split_carry(op, v, r, dtype, seed=seed)])
+                   lambda v=variant, r=regime: [check_split_carry(op, v, r, dtype, seed=seed,
+                                                                  form=carry_form, **bk)])
             yield (f"{op}/{variant}/{regime} varlen",
-                   lambda v=variant, r=regime: check_varlen(op, v, r, dtype, seed=seed))
+                   lambda v=variant, r=regime: check_varlen(op, v, r, dtype, seed=seed, form=carry_form, **bk))
 
 
 def run(ops: Optional[Sequence[str]] = None, dtypes: Iterable = (np.float64,), full: bool = False,
-        progress: Optional[Callable[[int, int, str], None]] = None) -> List[CheckRow]:
-    """Run the matrix for the given ops (default: all) and dtypes; returns every row."""
+        progress: Optional[Callable[[int, int, str], None]] = None, backend: str = "numpy") -> List[CheckRow]:
+    """Run the matrix for the given ops (default: all) and dtypes on a backend; returns every row."""
     ops = list(ops) if ops else list(registry.available())
-    jobs = [job for op in ops for dt in dtypes for job in matrix(op, dt, full)]
+    jobs = [job for op in ops for dt in dtypes for job in matrix(op, dt, full, backend=backend)]
     rows: List[CheckRow] = []
     for i, (label, thunk) in enumerate(jobs):
         if progress:

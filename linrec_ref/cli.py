@@ -3,6 +3,7 @@
     linrec ops [-v] [--markdown]       the catalogue: family, transition class, forms (-v: math,
                                        inputs, state, options, peers); fits 100 columns
     linrec check [--op NAME ...] [--dtype float32|float64|all] [--full] [--full-table] [-v]
+                 [--backend numpy|numba|auto]
                                        the equivalence matrix: a summary per op, dtype and kind of
                                        comparison (--full-table: per value, with tolerances and the
                                        worst case), the total on the last line; exits 1 on any failure
@@ -70,6 +71,7 @@ def _markdown(rows) -> str:
                   f"- state: {r['state']}",
                   f"- options: {', '.join(f'`{k}={v!r}`' for k, v in r['options'].items()) or 'none'}",
                   f"- forms: {', '.join(r['forms'])}",
+                  f"- compiled by the numba backend: {', '.join(r['numba']) or 'none (NumPy forms)'}",
                   f"- peers: {'; '.join(r['peers'])}", ""]
     return "\n".join(lines)
 
@@ -87,6 +89,7 @@ def cmd_ops(args) -> int:
             print(f"    state:   {r['state']}")
             print(f"    options: {r['options'] or '-'}")
             print(f"    forms:   {', '.join(r['forms'])}")
+            print(f"    numba:   {', '.join(r['numba']) or '- (NumPy forms)'}")
             print(f"    peers:   {'; '.join(r['peers'])}")
         return 0
     # the forms most ops have are named once under the table; a row lists only how it differs,
@@ -99,9 +102,15 @@ def cmd_ops(args) -> int:
         extra = [f for f in forms if f not in common]
         return ", ".join([f"no {f}" for f in missing] + [f"+{f}" for f in extra]) or "all"
 
-    table = [(r["name"], r["family"], r["transition"], forms_cell(r["forms"])) for r in rows]
-    print(_table(table, ("op", "family", "transition", "forms"), wrap={1: 36, 2: 22, 3: 19}))
+    def numba_cell(forms) -> str:   # forward forms whose kernel exists (with their vjps)
+        return ", ".join(f for f in dict.fromkeys(f[:-4] if f.endswith("_vjp") else f for f in forms)) or "-"
+
+    table = [(r["name"], r["family"], r["transition"], forms_cell(r["forms"]), numba_cell(r["numba"]))
+             for r in rows]
+    print(_table(table, ("op", "family", "transition", "forms", "numba"),
+                 wrap={1: 26, 2: 16, 3: 13, 4: 15}))
     print(f"\nforms: all = {', '.join(common)}")
+    print("numba: the forms (and their vjps) compiled by backend='numba'; the rest run the NumPy form")
     print("linrec ops -v: the math, inputs, state, options, forms and peer implementations of each op")
     missing = sorted(set(registry.OP_NAMES) - set(registry.available()))
     if missing:
@@ -115,7 +124,20 @@ def cmd_check(args) -> int:
         registry.spec(name)  # unknown names fail here with the list of known ops
     dtypes = {"float64": [np.float64], "float32": [np.float32], "all": [np.float64, np.float32]}[args.dtype]
     t0 = time.perf_counter()
-    rows = check.run(ops, dtypes, full=args.full, progress=_progress_bar())
+    if args.backend != "numpy":
+        from . import backends
+        if backends.resolved_name(args.backend) == "numba":
+            from .backends import numba as numba_backend
+            numba_backend.import_numba("linrec check --backend numba")
+        own = [op for op in ops if any(check.compiled(op, f, args.backend) for f in ("recurrent", "chunkwise", "step"))]
+        print(f"backend {args.backend!r}: the forms, steps and vjps it computes itself, against the "
+              f"NumPy float64 loop", file=sys.stderr)
+        rest = [op for op in ops if op not in own]
+        if rest:
+            print(f"run as NumPy forms there (checked by plain `linrec check`): {', '.join(rest)}",
+                  file=sys.stderr)
+        ops = own
+    rows = check.run(ops, dtypes, full=args.full, progress=_progress_bar(), backend=args.backend)
     elapsed = time.perf_counter() - t0
     if args.full_table or args.verbose:
         _print_detailed(rows)
@@ -163,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="one row per op, dtype, value and comparison, with tolerances and the worst case "
                           "(default: one row per op, dtype and kind of comparison)")
     chk.add_argument("--compact", action="store_true", help="the default summary table (kept as an alias)")
+    from . import backends
+    chk.add_argument("--backend", default="numpy", choices=backends.available(),
+                     help="check this backend's forms (numba, auto, ...) against the NumPy float64 "
+                          "loop (default: numpy, the reference against itself)")
     chk.add_argument("-v", "--verbose", action="store_true", help="--full-table, and every failure")
     chk.set_defaults(func=cmd_check)
     _register_tasks(sub)

@@ -68,5 +68,13 @@ def catalogue() -> List[dict]:
             "state": s.describe_state(),
             "options": dict(s.options),
             "peers": list(s.peers),
+            "numba": list(numba_forms(name)),
         })
     return rows
+
+
+def numba_forms(name: str) -> tuple:
+    """The forms of op ``name`` that the Numba backend compiles (the others run the NumPy form
+    there); read from the backend's table, without importing Numba."""
+    from .backends import numba as numba_backend
+    return numba_backend.accelerated(name)

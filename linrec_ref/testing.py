@@ -272,32 +272,43 @@ def make_inputs(op: str, regime: str = "typical", *, dtype=np.float64, seed: int
 
 
 # ------------------------------------------------------------------ calling forms and vjps
-def run(op, form: str, inputs: dict, *, chunk_size: Optional[int] = None, **options):
+def _form(op, form: str, backend: str):
+    """The function of one form on a backend ("numpy": the reference's own function)."""
+    if backend == "numpy":
+        return registry.form(_op_name(op), form)
+    from . import backends
+    return backends.get(backend).resolve(_op_name(op), form)
+
+
+def run(op, form: str, inputs: dict, *, chunk_size: Optional[int] = None, backend: str = "numpy",
+        **options):
     """(o, final_state) of a forward form of op (a name or an ops module) on ``inputs`` (a
     keyword dict such as make_inputs returns), with output_final_state=True.
 
     chunk_size goes to the chunkwise form only, so one call site can run every form; options
-    (e.g. scale, an op option) are passed to the form as they are.
+    (e.g. scale, an op option) are passed to the form as they are. backend: where the form runs
+    (default the NumPy reference; "numba", ... to test a fast path against it).
     """
-    fn = registry.form(_op_name(op), form)
+    fn = _form(op, form, backend)
     if form == "chunkwise" and chunk_size is not None:
         options["chunk_size"] = chunk_size
     return fn(**inputs, output_final_state=True, **options)
 
 
 def vjp(op, form: str, inputs: dict, do, dht=None, *, chunk_size: Optional[int] = None,
-        **options) -> dict:
+        backend: str = "numpy", **options) -> dict:
     """The gradient dict {input name: cotangent} of form's backward (form "recurrent" runs
-    recurrent_vjp) for output cotangent do and final-state cotangent dht; chunk_size and options
-    as in ``run``."""
-    fn = registry.form(_op_name(op), f"{form}_vjp")
+    recurrent_vjp) for output cotangent do and final-state cotangent dht; chunk_size, backend
+    and options as in ``run``."""
+    fn = _form(op, f"{form}_vjp", backend)
     if form == "chunkwise" and chunk_size is not None:
         options["chunk_size"] = chunk_size
     return fn(**inputs, do=do, dht=dht, **options)
 
 
-def run_steps(op, inputs: dict):
-    """Decode token by token with the op's ``step``; returns (o, final_state) like ``run``."""
+def run_steps(op, inputs: dict, *, backend: str = "numpy"):
+    """Decode token by token with the op's ``step`` (on ``backend``); returns (o, final_state)
+    like ``run``."""
     name = _op_name(op)
     spec = registry.spec(name)
     arrays = {k: v for k, v in inputs.items() if k in set(spec.input_names)}
@@ -307,8 +318,8 @@ def run_steps(op, inputs: dict):
     state = rest.get("initial_state")
     T = arrays[per_token[0]].shape[1]
     if T == 0:  # no token to decode: the forms' empty call (an empty output, the initial state
-        return run(name, "recurrent", inputs)  # passed through, zeros when none is given)
-    step = registry.form(name, "step")
+        return run(name, "recurrent", inputs, backend=backend)  # passed through, zeros if none)
+    step = _form(name, "step", backend)
     outs = []
     for t in range(T):
         token = {k: (v[:, t] if k in per_token else v) for k, v in arrays.items()}

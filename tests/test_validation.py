@@ -183,7 +183,7 @@ def test_step_state_shape():
 
 def test_unknown_backend_and_form():
     x = testing.make_inputs("simple_gla", T=8)
-    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; available backends: numpy"):
+    with pytest.raises(ValueError, match=r"unknown backend 'cuda'; available backends: auto, numba, numpy"):
         linrec_ref.simple_gla(**x, backend="cuda")
     with pytest.raises(ValueError, match=r"unknown form 'fused'"):
         linrec_ref.simple_gla(**x, form="fused")
