@@ -61,9 +61,9 @@ def import_numba(what: str = "the numba backend"):
 def _kernel_modules():
     """{op: {form: dense core}} from the kernel modules (imported, and Numba with them, now)."""
     import_numba()
-    from . import _delta, _gla
+    from . import _delta, _gla, _mamba
     cores: Dict[str, Dict[str, Callable]] = {}
-    for module in (_gla, _delta):
+    for module in (_gla, _delta, _mamba):
         cores.update(module.CORES)
     return cores
 
@@ -83,7 +83,7 @@ def cores() -> Dict[str, Dict[str, Callable]]:
 ACCELERATED: Dict[str, Tuple[str, ...]] = {
     op: ("recurrent", "recurrent_vjp", "step")
     for op in ("linear_attention", "retnet", "simple_gla", "gla",
-               "delta_rule", "gated_delta_rule", "kda")
+               "delta_rule", "gated_delta_rule", "kda", "mamba")
 }
 
 

@@ -41,7 +41,7 @@ gla forms underneath are tested with it.
 Not covered (documented differences from mamba_ssm): complex A; B/C shared over time
 ([dim, dstate]) or grouped ([batch, G, dstate, L]: broadcast them yourself); torch's softplus
 switches to the identity above 20 (a relative change below 1e-10), here softplus is
-log(1 + e^x) everywhere (np.logaddexp(0, x)).
+log(1 + e^x) everywhere (``_scan.softplus``, overflow-free).
 
 Forms
     recurrent  the loop above (ground truth), O(B D S) memory besides the inputs.
@@ -86,7 +86,7 @@ import numpy as np
 from .. import _regimes
 from .._decay import FAST_BOUND, cumsum_in_chunks, reverse_cumsum_in_chunks
 from .._forms import forward_form, matrix_form, step_form, vjp_form
-from .._scan import reverse_steps, segsum, sigmoid
+from .._scan import reverse_steps, segsum, sigmoid, softplus
 from .._spec import Arg, OpSpec
 from .._validation import InputError
 from . import gla
@@ -217,7 +217,7 @@ def _step_sizes(delta, A, delta_bias, delta_softplus):
     _check_A(A)                       # (the form wrappers check that delta_softplus is a bool)
     x = delta if delta_bias is None else delta + delta_bias
     if delta_softplus:
-        return np.logaddexp(0, x)                                   # softplus
+        return softplus(x)
     bad = x < 0
     if bad.any():
         i = tuple(int(j) for j in np.unravel_index(int(np.argmax(bad)), x.shape))
