@@ -12,7 +12,6 @@ The same inputs also run through the recurrent form once (its time is printed fo
 the chunkwise output is checked against it.
 """
 import argparse
-import sys
 
 import _harness  # noqa: F401  (pins BLAS threads before NumPy loads)
 import numpy as np

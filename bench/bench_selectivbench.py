@@ -16,7 +16,6 @@ import time
 import _harness  # noqa: F401  (pins BLAS threads before NumPy loads)
 import numpy as np
 
-from linrec_ref.tasks import expand as ex
 from linrec_ref.tasks import grammar as gm
 from linrec_ref.tasks import presets as P
 from linrec_ref.tasks import sequences as sq

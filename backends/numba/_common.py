@@ -22,11 +22,6 @@ def contiguous(*arrays):
     return tuple(np.require(a, requirements=("C_CONTIGUOUS", "WRITEABLE")) for a in arrays)
 
 
-def full(x, shape):
-    """x broadcast to shape as a contiguous array (a per-head or per-token gate made per-channel)."""
-    return contiguous(np.broadcast_to(x, shape))[0]
-
-
 def n_value_blocks(tasks: int, V: int) -> int:
     """How many blocks to split the value axis into so that tasks * blocks >= the Numba thread
     count (1 when batch x heads already fill the threads)."""

@@ -29,19 +29,19 @@ from linrec_ref.ops import gated_delta_rule as np_gdr
 from linrec_ref.ops import kda as np_kda
 from linrec_ref.ops.delta_rule import SPEC as DELTA_RULE_SPEC
 
-from ._common import REDUCTIONS, block_length, contiguous, full, n_value_blocks, value_block
+from ._common import REDUCTIONS, block_length, contiguous, n_value_blocks, value_block
 
 
 # ------------------------------------------------------------------------------ kernels
 # Inner loops run over 1-D row views (see _gla: 3-4x faster than 4-D indexing there).
 @nb.njit(inline="always")
-def _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero):
+def _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero):
     """S_{t-1} -> S_t in place on the block's columns; leaves S_t^T q_t in r."""
     K, W = S.shape
-    qt, kt, gt, vt = q[b, t, h], k[b, t, h], gk[b, t, h], v[b, t, h, j0:j0 + W]
+    qt, kt, at, vt = q[b, t, h], k[b, t, h], ak[b, t, h], v[b, t, h, j0:j0 + W]
     r[:] = zero
     for i in range(K):                                          # S' = diag(a) S, r = S'^T k
-        a = np.exp(gt[i])
+        a = at[i]
         ki = kt[i]
         Si = S[i]
         for j in range(W):
@@ -63,8 +63,9 @@ def _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero):
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
-def delta_forward(q, k, v, gk, beta, scale, S0, n_vblocks, zero, o, ST):
-    """o [B, T, H, V] and ST [B, H, K, V] (written); gk [B, T, H, K], beta [B, T, H]."""
+def delta_forward(q, k, v, ak, beta, scale, S0, n_vblocks, zero, o, ST):
+    """o [B, T, H, V] and ST [B, H, K, V] (written); decays ak = exp(gk) [B, T, H, K], beta
+    [B, T, H]."""
     B, T, H, K = q.shape
     V = v.shape[3]
     for task in nb.prange(B * H * n_vblocks):
@@ -76,7 +77,7 @@ def delta_forward(q, k, v, gk, beta, scale, S0, n_vblocks, zero, o, ST):
         r = np.empty(W, dtype=S0.dtype)
         d = np.empty(W, dtype=S0.dtype)
         for t in range(T):
-            _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero)
+            _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero)
             ot = o[b, t, h, j0:j1]
             for j in range(W):
                 ot[j] = scale * r[j]
@@ -84,7 +85,7 @@ def delta_forward(q, k, v, gk, beta, scale, S0, n_vblocks, zero, o, ST):
 
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
-def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
+def delta_backward(q, k, v, ak, beta, scale, S0, do, dST, n_vblocks, L, zero,
                    dq_part, dk_part, dgk_part, dbeta_part, dv, dS0):
     """The adjoint walk (module docstring). Writes dv, dS0 and the per-value-block partial sums
     dq_part, dk_part, dgk_part [n_vblocks, B, T, H, K] and dbeta_part [n_vblocks, B, T, H]."""
@@ -103,7 +104,7 @@ def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
         for n in range(NB):
             ck[n] = S
             for t in range(n * L, min(T, (n + 1) * L)):
-                _step(S, r, d, b, t, h, j0, q, k, v, gk, beta, zero)
+                _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero)
         dS = dST[b, h, :, j0:j1].copy()
         states = np.empty((L + 1, K, W), dtype=S0.dtype)
         resid = np.empty(W, dtype=S0.dtype)
@@ -114,18 +115,18 @@ def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
             states[0] = ck[n]
             for t in range(t0, t1):
                 states[t - t0 + 1] = states[t - t0]
-                _step(states[t - t0 + 1], r, d, b, t, h, j0, q, k, v, gk, beta, zero)
+                _step(states[t - t0 + 1], r, d, b, t, h, j0, q, k, v, ak, beta, zero)
             for t in range(t1 - 1, t0 - 1, -1):
                 S_prev = states[t - t0]
                 S_t = states[t - t0 + 1]
                 bt = beta[b, t, h]
-                qt, kt, gt = q[b, t, h], k[b, t, h], gk[b, t, h]
+                qt, kt, at = q[b, t, h], k[b, t, h], ak[b, t, h]
                 vt, dot, dvt = v[b, t, h, j0:j1], do[b, t, h, j0:j1], dv[b, t, h, j0:j1]
                 dqt, dkt, dgt = dq_part[jb, b, t, h], dk_part[jb, b, t, h], dgk_part[jb, b, t, h]
                 r[:] = zero                                     # r = S'^T k
                 ddelta[:] = zero                                # dS^T k (dS after the read)
                 for i in range(K):
-                    a = np.exp(gt[i])
+                    a = at[i]
                     ki = kt[i]
                     sq = scale * qt[i]
                     dq_i = zero
@@ -146,7 +147,7 @@ def delta_backward(q, k, v, gk, beta, scale, S0, do, dST, n_vblocks, L, zero,
                     ddelta[j] = -bt * ddelta[j]                  # now dr
                 dbeta_part[jb, b, t, h] = dbeta
                 for i in range(K):
-                    a = np.exp(gt[i])
+                    a = at[i]
                     ki = kt[i]
                     dk_write = zero                              # dS delta
                     dk_read = zero                               # S' dr
@@ -170,11 +171,11 @@ def forward(q, k, v, gk, beta, scale, S0):
     B, T, H, K = q.shape
     dtype = v.dtype
     q, k, v, beta, S0 = contiguous(q, k, v, beta, S0)
-    gk = full(gk, q.shape)
+    ak = np.exp(np.broadcast_to(gk, q.shape))              # NumPy's vectorised exp (see _gla._decays)
     nvb = n_value_blocks(B * H, v.shape[3])
     o = np.empty(v.shape, dtype)
     ST = np.empty(S0.shape, dtype)
-    delta_forward(q, k, v, gk, beta, dtype.type(scale), S0, nvb, dtype.type(0), o, ST)
+    delta_forward(q, k, v, ak, beta, dtype.type(scale), S0, nvb, dtype.type(0), o, ST)
     return o, ST
 
 
@@ -183,13 +184,13 @@ def backward(q, k, v, gk, beta, scale, S0, do, dST):
     B, T, H, K = q.shape
     dtype = v.dtype
     q, k, v, beta, S0, do, dST = contiguous(q, k, v, beta, S0, do, dST)
-    gk = full(gk, q.shape)
+    ak = np.exp(np.broadcast_to(gk, q.shape))
     nvb = n_value_blocks(B * H, v.shape[3])
     dq, dk, dgk = (np.empty((nvb,) + q.shape, dtype) for _ in range(3))
     dbeta = np.empty((nvb,) + beta.shape, dtype)
     dv = np.empty(v.shape, dtype)
     dS0 = np.empty(S0.shape, dtype)
-    delta_backward(q, k, v, gk, beta, dtype.type(scale), S0, do, dST, nvb, block_length(T),
+    delta_backward(q, k, v, ak, beta, dtype.type(scale), S0, do, dST, nvb, block_length(T),
                    dtype.type(0), dq, dk, dgk, dbeta, dv, dS0)
     total = (lambda p: p[0]) if nvb == 1 else (lambda p: p.sum(0))
     return {"q": total(dq), "k": total(dk), "v": dv, "beta": total(dbeta), "g": total(dgk),
