@@ -61,9 +61,9 @@ def import_numba(what: str = "the numba backend"):
 def _kernel_modules():
     """{op: {form: dense core}} from the kernel modules (imported, and Numba with them, now)."""
     import_numba()
-    from . import _delta, _gla, _mamba
+    from . import _delta, _gla, _hgrn, _mamba, _rwkv6
     cores: Dict[str, Dict[str, Callable]] = {}
-    for module in (_gla, _delta, _mamba):
+    for module in (_gla, _delta, _mamba, _hgrn, _rwkv6):
         cores.update(module.CORES)
     return cores
 
@@ -80,10 +80,11 @@ def cores() -> Dict[str, Dict[str, Callable]]:
 
 # Which forms have a kernel, without importing Numba (kept equal to the kernel modules' CORES
 # by tests/test_numba_backend.py).
+_LOOP = ("recurrent", "recurrent_vjp", "step")
 ACCELERATED: Dict[str, Tuple[str, ...]] = {
-    op: ("recurrent", "recurrent_vjp", "step")
-    for op in ("linear_attention", "retnet", "simple_gla", "gla",
-               "delta_rule", "gated_delta_rule", "kda", "mamba")
+    **{op: _LOOP for op in ("linear_attention", "retnet", "simple_gla", "gla",
+                            "delta_rule", "gated_delta_rule", "kda", "mamba", "rwkv6")},
+    "hgrn": ("recurrent", "recurrent_vjp"),      # its step is one NumPy expression already
 }
 
 
