@@ -25,6 +25,7 @@ from __future__ import annotations
 import numba as nb
 import numpy as np
 
+from linrec_ref.ops import delta_product as np_dp
 from linrec_ref.ops import gated_delta_rule as np_gdr
 from linrec_ref.ops import kda as np_kda
 from linrec_ref.ops.delta_rule import SPEC as DELTA_RULE_SPEC
@@ -263,3 +264,31 @@ CORES = {
     "delta_rule": {"recurrent": dr_recurrent, "recurrent_vjp": dr_recurrent_vjp, "step": dr_step},
     "kda": {"recurrent": kda_recurrent, "recurrent_vjp": kda_recurrent_vjp, "step": kda_step},
 }
+
+
+# delta_product: the expanded sequence of T * n_h sub-steps is a gated delta rule (its module
+# docstring): run the kernels on it, read at the last sub-step of each token.
+def dp_recurrent(q, k, v, beta, g=None, *, scale, initial_state, **opts):
+    qm, km, bm = np_dp.prepare(np_dp.SPEC.name, q, k, beta, opts)
+    NH = k.shape[2]
+    x = np_dp._expand(qm, km, v, bm, g)
+    o_sub, S = forward(x["q"], x["k"], x["v"], x["g"][..., None], x["beta"], scale, initial_state)
+    return np.ascontiguousarray(o_sub[:, NH - 1::NH]), S
+
+
+def dp_recurrent_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **opts):
+    qm, km, bm = np_dp.prepare(np_dp.SPEC.name, q, k, beta, opts)
+    x = np_dp._expand(qm, km, v, bm, g)
+    grads = backward(x["q"], x["k"], x["v"], x["g"][..., None], x["beta"], scale, initial_state,
+                     np_dp._expand_do(do, k.shape[2]), dht)
+    grads["g"] = grads["g"].sum(-1)
+    return np_dp.pull_back(q, k, beta, np_dp._collapse_grads(grads, k, g), opts)
+
+
+def dp_step(q, k, v, beta, g=None, *, state, scale, **opts):
+    o, S = dp_recurrent(_token(q), _token(k), _token(v), _token(beta), None if g is None else _token(g),
+                        scale=scale, initial_state=state, **opts)
+    return o[:, 0], S
+
+
+CORES["delta_product"] = {"recurrent": dp_recurrent, "recurrent_vjp": dp_recurrent_vjp, "step": dp_step}
