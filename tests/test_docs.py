@@ -160,9 +160,19 @@ def test_every_markdown_file_named_exists():
             for name in MD_NAME.findall(line):
                 if "://" in line and name in line.split("://", 1)[1]:
                     continue                            # a URL, not a file of the project
-                if not resolve_page(name, path).is_file():
+                target = resolve_page(name, path)
+                if not target.is_file() and not _generated(name):
                     bad.append(f"{path.relative_to(ROOT)}:{line_no}: {name}")
     assert not bad, "Markdown files named but not in the project:\n" + "\n".join(bad)
+
+
+# Reports that `python -m bench cpu` writes into bench/results/ (git-ignored): named by the docs
+# before any run has made them.
+GENERATED_REPORTS = {"cpu.md"}
+
+
+def _generated(name: str) -> bool:
+    return Path(name).name in GENERATED_REPORTS and (name.startswith(("results/", "bench/results/")) or "/" not in name)
 
 
 def test_nothing_cites_a_path_outside_the_project():
