@@ -61,9 +61,9 @@ def import_numba(what: str = "the numba backend"):
 def _kernel_modules():
     """{op: {form: dense core}} from the kernel modules (imported, and Numba with them, now)."""
     import_numba()
-    from . import _delta, _dplr, _gla, _hgrn, _lru, _mamba, _rwkv6
+    from . import _delta, _dplr, _gla, _hgrn, _lru, _mamba, _mlstm, _rwkv6
     cores: Dict[str, Dict[str, Callable]] = {}
-    for module in (_gla, _delta, _mamba, _hgrn, _rwkv6, _dplr, _lru):
+    for module in (_gla, _delta, _mamba, _hgrn, _rwkv6, _dplr, _lru, _mlstm):
         cores.update(module.CORES)
     return cores
 
@@ -84,7 +84,7 @@ _LOOP = ("recurrent", "recurrent_vjp", "step")
 ACCELERATED: Dict[str, Tuple[str, ...]] = {
     **{op: _LOOP for op in ("linear_attention", "retnet", "simple_gla", "gla",
                             "delta_rule", "gated_delta_rule", "kda", "delta_product", "mamba",
-                            "rwkv6", "dplr", "rwkv7", "lru")},
+                            "rwkv6", "dplr", "rwkv7", "lru", "mlstm")},
     "hgrn": ("recurrent", "recurrent_vjp"),      # its step is one NumPy expression already
 }
 
