@@ -55,7 +55,7 @@ def _gated_loop(q, k, v, a, scale):
     S = q.new_zeros(B, H, K, v.shape[-1])
     out = []
     for t in range(T):
-        S = a[:, t] * S + k[:, t, :, :, None] * v[:, t, :, None, :]
+        S = (a if isinstance(a, float) else a[:, t]) * S + k[:, t, :, :, None] * v[:, t, :, None, :]
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
     return torch.stack(out, 1)
 
@@ -67,7 +67,7 @@ def _delta_loop(q, k, v, a, beta, scale):
     S = q.new_zeros(B, H, K, v.shape[-1])
     out = []
     for t in range(T):
-        S = a[:, t] * S
+        S = (a if isinstance(a, float) else a[:, t]) * S
         r = torch.einsum("bhk,bhkv->bhv", k[:, t], S)
         S = S + k[:, t, :, :, None] * (beta[:, t, :, None] * (v[:, t] - r))[:, :, None, :]
         out.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
@@ -131,6 +131,11 @@ def eager_loop(op: str, x: dict, do: np.ndarray) -> Closures:
 
 
 # ------------------------------------------------------------------------------ the peer library
+def _output(result):
+    """The output of a peer function that returns o or (o, final_state)."""
+    return result[0] if isinstance(result, tuple) else result
+
+
 def _naive_module(name: str):
     """fla.ops.<name>.naive loaded by path (plain torch), or None."""
     spec = importlib.util.find_spec("fla")
@@ -151,23 +156,23 @@ def _naive_module(name: str):
 def fla_chunked(op: str, x: dict, do: np.ndarray, chunk: int = 64) -> Closures:
     """The peer library's torch chunked form of op (its ``naive_chunk_*``), where one exists."""
     if op == "simple_gla" and (m := _naive_module("simple_gla")):
-        return _closures(lambda q, k, v, g: m.naive_chunk_simple_gla(q, k, v, g, chunk_size=chunk)[0],
+        return _closures(lambda q, k, v, g: _output(m.naive_chunk_simple_gla(q, k, v, g, chunk_size=chunk)),
                          {n: x[n] for n in ("q", "k", "v", "g")}, do)
     if op == "retnet" and x.get("g") is not None and (m := _naive_module("simple_gla")):
         g = np.ascontiguousarray(np.broadcast_to(x["g"], x["q"].shape[:3]))
-        return _closures(lambda q, k, v, g: m.naive_chunk_simple_gla(q, k, v, g, chunk_size=chunk)[0],
+        return _closures(lambda q, k, v, g: _output(m.naive_chunk_simple_gla(q, k, v, g, chunk_size=chunk)),
                          dict(q=x["q"], k=x["k"], v=x["v"], g=g), do)
     if op == "gated_delta_rule" and x["q"].shape[2] == x["v"].shape[2] and (m := _naive_module("gated_delta_rule")):
-        return _closures(lambda q, k, v, g, beta: m.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)[0],
+        return _closures(lambda q, k, v, g, beta: _output(m.naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk)),
                          {n: x[n] for n in ("q", "k", "v", "g", "beta")}, do)
     if op == "delta_rule" and x["q"].shape[2] == x["v"].shape[2] and (m := _naive_module("delta_rule")):
         # its layout is [B, H, T, K]; chunk 32 is its default
         heads = lambda t: t.transpose(1, 2).contiguous()
-        return _closures(lambda q, k, v, beta: m.delta_rule_chunkwise(heads(q), heads(k), heads(v),
-                                                                      beta.transpose(1, 2).contiguous(),
-                                                                      chunk_size=32)[0].transpose(1, 2),
+        return _closures(lambda q, k, v, beta: _output(m.delta_rule_chunkwise(heads(q), heads(k), heads(v),
+                                                                              beta.transpose(1, 2).contiguous(),
+                                                                              chunk_size=32)).transpose(1, 2),
                          {n: x[n] for n in ("q", "k", "v", "beta")}, do)
     if op == "linear_attention" and (m := _naive_module("linear_attn")):
-        return _closures(lambda q, k, v: m.naive_chunk_linear_attn(q, k, v)[0],
+        return _closures(lambda q, k, v: _output(m.naive_chunk_linear_attn(q, k, v)),
                          {n: x[n] for n in "qkv"}, do)
     return None
