@@ -85,11 +85,14 @@ def recurrent_vjp(x, log_lam, Bm, Cm, Dm, do, dht, *, initial_state, output):
     G, dh0 = np.empty_like(dR), np.empty(dht.shape, dR.dtype)
     reverse_scan(lam.conj().astype(dR.dtype, copy=False), dR,
                  contiguous(dht.astype(dR.dtype, copy=False))[0], G, dh0)
-    H_prev = np.concatenate([initial_state[:, None].astype(H.dtype, copy=False), H[:, :-1]], axis=1)
+    B, T, S = G.shape
+    tokens = lambda a: a.reshape(B * T, a.shape[-1])                  # [B*T, .]: one BLAS product
+    # sum_t conj(h_{t-1}) G_t with h_{-1} = h0: the t >= 1 terms, then the h0 term
+    dlam = np.sum(H[:, :-1].conj() * G[:, 1:], axis=(0, 1)) + np.sum(initial_state.conj() * G[:, 0], axis=0)
     grads = {"x": (G @ Bm.conj()).real.astype(x.dtype, copy=False),                  # [B, T, P]
-             "log_lam": lam.conj() * np.einsum("bts,bts->s", H_prev.conj(), G),        # [S]
-             "Bm": np.einsum("bts,btp->sp", G, x),                                     # [S, P]
-             "Cm": c * np.einsum("btq,bts->qs", do, H.conj()),                         # [Q, S]
+             "log_lam": lam.conj() * dlam,                                             # [S]
+             "Bm": tokens(G).T @ tokens(x),                                            # [S, P]
+             "Cm": c * (tokens(do).T @ tokens(H).conj()),                              # [Q, S]
              "initial_state": dh0}
     return np_lru._skip_vjp(x, Dm, do, grads)
 
