@@ -271,19 +271,40 @@ print(first, second)
 
 
 def peak_rss() -> List[dict]:
-    """Peak RSS of the numba recurrent forward (and vjp) at T=2048 and 16384 beyond its inputs."""
+    """Peak RSS of the numba recurrent forward (and vjp) of gated_delta_rule at T=2048 and 16384,
+    beyond what the process held just before the call (inputs generated, kernels loaded).
+
+    ru_maxrss cannot give this: it is the process's high-water mark, which generating the inputs
+    already set, so a call that stays below it reads 0. A thread samples the current RSS
+    (/proc/self/statm) every 0.5 ms while the call runs instead; the kernels release the GIL."""
     code = """
-import resource, numpy as np, linrec_ref
+import os, threading, time, numpy as np, linrec_ref
 from linrec_ref import testing
+PAGE = os.sysconf("SC_PAGE_SIZE")
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * PAGE
+def peak_during(fn):
+    top, stop = [rss()], threading.Event()
+    def sample():
+        while not stop.is_set():
+            top[0] = max(top[0], rss()); time.sleep(0.0005)
+    th = threading.Thread(target=sample); before = rss(); th.start()
+    try:
+        out = fn()
+    finally:
+        stop.set(); th.join()
+    return out, max(top[0], rss()) - before
+op = linrec_ref.gated_delta_rule
+small = testing.make_inputs("gated_delta_rule", dtype=np.float32, T=8)
+op.vjp(**small, do=np.ones_like(small["v"]), form="recurrent", backend="numba")   # load the kernels
 x = testing.make_inputs("gated_delta_rule", dtype=np.float32, B=1, T={T}, H=8, HV=8, K=64, V=64)
 do = np.ones_like(x["v"])
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-o, h = linrec_ref.gated_delta_rule(**x, form="recurrent", backend="numba", output_final_state=True)
-fwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-linrec_ref.gated_delta_rule.vjp(**x, do=do, form="recurrent", backend="numba")
-bwd = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+(o, h), fwd = peak_during(lambda: op(**x, form="recurrent", backend="numba", output_final_state=True))
+g, bwd = peak_during(lambda: op.vjp(**x, do=do, form="recurrent", backend="numba"))
 inputs = sum(a.nbytes for a in x.values() if hasattr(a, "nbytes"))
-print(base, fwd, bwd, inputs)
+grads = sum(a.nbytes for a in g.values() if hasattr(a, "nbytes"))
+print(inputs, fwd, o.nbytes + h.nbytes, bwd, grads)
 """
     out = []
     for T in (2048, 16384):
@@ -291,9 +312,11 @@ print(base, fwd, bwd, inputs)
         if p.returncode:
             out.append({"T": T, "error": p.stderr.strip().splitlines()[-1]})
             continue
-        base, fwd, bwd, inputs = (int(v) for v in p.stdout.split())
-        out.append({"T": T, "inputs_MB": inputs / 2**20, "forward_extra_MB": (fwd - base) / 1024,
-                    "vjp_extra_MB": (bwd - base) / 1024})
+        inputs, fwd, fwd_out, bwd, bwd_out = (int(v) for v in p.stdout.split())
+        mb = 2.0 ** 20
+        out.append({"T": T, "inputs_MB": inputs / mb, "forward_extra_MB": fwd / mb,
+                    "forward_outputs_MB": fwd_out / mb, "vjp_extra_MB": bwd / mb,
+                    "vjp_outputs_MB": bwd_out / mb})
     return out
 
 
@@ -380,11 +403,17 @@ def write_markdown(path: Path, rows: List[dict], env: dict, extra: dict) -> None
     for c in extra.get("compile", []):
         lines.append(f"| {c['op']} | {c['cache']} | {c.get('first_call_s', c.get('error', '')):.3} | "
                      f"{c.get('second_call_ms', 0):.1f} |" if "error" not in c else f"| {c['op']} | {c['cache']} | {c['error']} | |")
-    lines += ["", "## Peak RSS of gated_delta_rule's numba recurrent form beyond its inputs", "",
-              "| T | inputs MB | forward extra MB | vjp extra MB |", "|---|---|---|---|"]
+    lines += ["", "## Peak RSS of gated_delta_rule's numba recurrent form during the call", "",
+              "Beyond what the process held before the call; the outputs (o and the final state, or",
+              "the gradients) are part of it and listed next to it: what is left is the working memory.",
+              "", "| T | inputs MB | forward peak MB | of which outputs | vjp peak MB | of which gradients |",
+              "|---|---|---|---|---|---|"]
     for m in extra.get("rss", []):
-        lines.append(f"| {m['T']} | {m.get('inputs_MB', 0):.0f} | {m.get('forward_extra_MB', 0):.0f} | "
-                     f"{m.get('vjp_extra_MB', 0):.0f} |")
+        if "error" in m:
+            lines.append(f"| {m['T']} | {m['error']} | | | | |")
+            continue
+        lines.append(f"| {m['T']} | {m['inputs_MB']:.1f} | {m['forward_extra_MB']:.1f} | "
+                     f"{m['forward_outputs_MB']:.1f} | {m['vjp_extra_MB']:.1f} | {m['vjp_outputs_MB']:.1f} |")
     lines += ["", "## All measurements (ms, median of >= 5 runs)", "",
               "| op | shape | T | threads | impl | pass | ms | tokens/s | GFLOP/s | note |",
               "|---|---|---|---|---|---|---|---|---|---|"]

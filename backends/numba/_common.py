@@ -22,6 +22,14 @@ def contiguous(*arrays):
     return tuple(np.require(a, requirements=("C_CONTIGUOUS", "WRITEABLE")) for a in arrays)
 
 
+def decays(gk, q_shape):
+    """a = exp(gk) as a new C-contiguous [B, T, H, Kg] array: Kg = K for gates per key channel,
+    1 for one gate per head (gk [..., 1]), so that a scalar gate costs B T H numbers, not
+    B T H K. NumPy's vectorised exp: a scalar exp per (t, i) in the kernel cost as much as the
+    rest of the step."""
+    return np.exp(np.broadcast_to(gk, q_shape[:3] + (gk.shape[-1],)))
+
+
 def n_value_blocks(tasks: int, V: int) -> int:
     """How many blocks to split the value axis into so that tasks * blocks >= the Numba thread
     count (1 when batch x heads already fill the threads)."""

@@ -30,7 +30,7 @@ from linrec_ref.ops import gated_delta_rule as np_gdr
 from linrec_ref.ops import kda as np_kda
 from linrec_ref.ops.delta_rule import SPEC as DELTA_RULE_SPEC
 
-from ._common import REDUCTIONS, block_length, contiguous, n_value_blocks, value_block
+from ._common import REDUCTIONS, block_length, contiguous, decays, n_value_blocks, value_block
 
 
 # ------------------------------------------------------------------------------ kernels
@@ -40,9 +40,10 @@ def _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero):
     """S_{t-1} -> S_t in place on the block's columns; leaves S_t^T q_t in r."""
     K, W = S.shape
     qt, kt, at, vt = q[b, t, h], k[b, t, h], ak[b, t, h], v[b, t, h, j0:j0 + W]
+    last = at.shape[0] - 1                                      # 0 for one gate per head
     r[:] = zero
     for i in range(K):                                          # S' = diag(a) S, r = S'^T k
-        a = at[i]
+        a = at[min(i, last)]
         ki = kt[i]
         Si = S[i]
         for j in range(W):
@@ -65,8 +66,8 @@ def _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero):
 
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
 def delta_forward(q, k, v, ak, beta, scale, S0, n_vblocks, zero, o, ST):
-    """o [B, T, H, V] and ST [B, H, K, V] (written); decays ak = exp(gk) [B, T, H, K], beta
-    [B, T, H]."""
+    """o [B, T, H, V] and ST [B, H, K, V] (written); decays ak = exp(gk) [B, T, H, K], or
+    [B, T, H, 1] for one gate per head; beta [B, T, H]."""
     B, T, H, K = q.shape
     V = v.shape[3]
     for task in nb.prange(B * H * n_vblocks):
@@ -89,7 +90,8 @@ def delta_forward(q, k, v, ak, beta, scale, S0, n_vblocks, zero, o, ST):
 def delta_backward(q, k, v, ak, beta, scale, S0, do, dST, n_vblocks, L, zero,
                    dq_part, dk_part, dgk_part, dbeta_part, dv, dS0):
     """The adjoint walk (module docstring). Writes dv, dS0 and the per-value-block partial sums
-    dq_part, dk_part, dgk_part [n_vblocks, B, T, H, K] and dbeta_part [n_vblocks, B, T, H]."""
+    dq_part, dk_part [n_vblocks, B, T, H, K], dgk_part [n_vblocks, B, T, H, Kg] (Kg = ak's last
+    axis; with one gate per head the rows' sums are added up) and dbeta_part [n_vblocks, B, T, H]."""
     B, T, H, K = q.shape
     V = v.shape[3]
     NB = (T + L - 1) // L
@@ -124,10 +126,11 @@ def delta_backward(q, k, v, ak, beta, scale, S0, do, dST, n_vblocks, L, zero,
                 qt, kt, at = q[b, t, h], k[b, t, h], ak[b, t, h]
                 vt, dot, dvt = v[b, t, h, j0:j1], do[b, t, h, j0:j1], dv[b, t, h, j0:j1]
                 dqt, dkt, dgt = dq_part[jb, b, t, h], dk_part[jb, b, t, h], dgk_part[jb, b, t, h]
+                last = at.shape[0] - 1
                 r[:] = zero                                     # r = S'^T k
                 ddelta[:] = zero                                # dS^T k (dS after the read)
                 for i in range(K):
-                    a = at[i]
+                    a = at[min(i, last)]
                     ki = kt[i]
                     sq = scale * qt[i]
                     dq_i = zero
@@ -147,8 +150,9 @@ def delta_backward(q, k, v, ak, beta, scale, S0, do, dST, n_vblocks, L, zero,
                     dvt[j] = bt * ddelta[j]
                     ddelta[j] = -bt * ddelta[j]                  # now dr
                 dbeta_part[jb, b, t, h] = dbeta
+                dgt[:] = zero
                 for i in range(K):
-                    a = at[i]
+                    a = at[min(i, last)]
                     ki = kt[i]
                     dk_write = zero                              # dS delta
                     dk_read = zero                               # S' dr
@@ -162,17 +166,18 @@ def delta_backward(q, k, v, ak, beta, scale, S0, do, dST, n_vblocks, L, zero,
                         dg_i += dsp * sp
                         dSi[j] = a * dsp
                     dkt[i] = dk_write + dk_read
-                    dgt[i] = dg_i
+                    dgt[min(i, last)] += dg_i
         dS0[b, h, :, j0:j1] = dS
 
 
 # ------------------------------------------------------------------------------ drivers
 def forward(q, k, v, gk, beta, scale, S0):
-    """(o, S_T) on mapped inputs; gk broadcastable to q's shape [B, T, H, K]."""
+    """(o, S_T) on mapped inputs; gk [..., K] per key channel or [..., 1] per head, broadcastable
+    to [B, T, H, K] or [B, T, H, 1]."""
     B, T, H, K = q.shape
     dtype = v.dtype
     q, k, v, beta, S0 = contiguous(q, k, v, beta, S0)
-    ak = np.exp(np.broadcast_to(gk, q.shape))              # NumPy's vectorised exp (see _gla._decays)
+    ak = decays(gk, q.shape)
     nvb = n_value_blocks(B * H, v.shape[3])
     o = np.empty(v.shape, dtype)
     ST = np.empty(S0.shape, dtype)
@@ -181,13 +186,15 @@ def forward(q, k, v, gk, beta, scale, S0):
 
 
 def backward(q, k, v, gk, beta, scale, S0, do, dST):
-    """Gradients {q, k, v, beta, g: dgk [B, T, H, K], initial_state} on mapped inputs."""
+    """Gradients {q, k, v, beta, g: dgk [B, T, H, Kg] (gk's last axis), initial_state} on mapped
+    inputs."""
     B, T, H, K = q.shape
     dtype = v.dtype
     q, k, v, beta, S0, do, dST = contiguous(q, k, v, beta, S0, do, dST)
-    ak = np.exp(np.broadcast_to(gk, q.shape))
+    ak = decays(gk, q.shape)
     nvb = n_value_blocks(B * H, v.shape[3])
-    dq, dk, dgk = (np.empty((nvb,) + q.shape, dtype) for _ in range(3))
+    dq, dk = (np.empty((nvb,) + q.shape, dtype) for _ in range(2))
+    dgk = np.empty((nvb,) + ak.shape, dtype)
     dbeta = np.empty((nvb,) + beta.shape, dtype)
     dv = np.empty(v.shape, dtype)
     dS0 = np.empty(S0.shape, dtype)
@@ -214,7 +221,7 @@ def gdr_recurrent(q, k, v, g, beta, *, scale, initial_state, **opts):
 def gdr_recurrent_vjp(q, k, v, g, beta, do, dht, *, scale, initial_state, **opts):
     qm, km, bm = np_gdr.prepare("gated_delta_rule", q, k, beta, opts)
     grads = backward(qm, km, v, g[..., None], bm, scale, initial_state, do, dht)
-    grads["g"] = grads["g"].sum(-1)
+    grads["g"] = grads["g"][..., 0]
     return np_gdr.pull_back(q, k, beta, grads, opts)
 
 
@@ -281,7 +288,7 @@ def dp_recurrent_vjp(q, k, v, beta, g=None, *, do, dht, scale, initial_state, **
     x = np_dp._expand(qm, km, v, bm, g)
     grads = backward(x["q"], x["k"], x["v"], x["g"][..., None], x["beta"], scale, initial_state,
                      np_dp._expand_do(do, k.shape[2]), dht)
-    grads["g"] = grads["g"].sum(-1)
+    grads["g"] = grads["g"][..., 0]
     return np_dp.pull_back(q, k, beta, np_dp._collapse_grads(grads, k, g), opts)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from linrec_ref.ops import linear_attention as np_linear_attention
 from linrec_ref.ops import retnet as np_retnet
 
-from ._common import REDUCTIONS, block_length, contiguous, n_value_blocks, value_block
+from ._common import REDUCTIONS, block_length, contiguous, decays, n_value_blocks, value_block
 
 # ------------------------------------------------------------------------------ kernels
 # Inner loops run over 1-D row views (S[i], v[b, t, h, j0:j1], ...): indexing the 4-D arrays
@@ -48,8 +48,9 @@ def _advance(S, bv, b, t, h, j0, k, v, ak):
     """S <- diag(a_t) S diag(b_t) + k_t v_t^T in place (the block's columns j0..; bv = b_t)."""
     K, W = S.shape
     kt, at, vt = k[b, t, h], ak[b, t, h], v[b, t, h, j0:j0 + W]
+    last = at.shape[0] - 1                                      # 0 for one gate per head
     for i in range(K):
-        a = at[i]
+        a = at[min(i, last)]
         ki = kt[i]
         Si = S[i]
         for j in range(W):
@@ -59,7 +60,8 @@ def _advance(S, bv, b, t, h, j0, k, v, ak):
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
 def gated_forward(q, k, v, ak, scale, S0, n_vblocks, zero, o, ST):
     """o [B, T, H, V] and ST [B, H, K, V] (written) from q, k, the decays ak = exp(gk)
-    [B, T, H, K], v and S0 [B, H, K, V], without a value gate (gated_forward_gv has one).
+    [B, T, H, K] or [B, T, H, 1] (one per head: row i reads ak[..., min(i, last)]), v and S0
+    [B, H, K, V], without a value gate (gated_forward_gv has one).
 
     Four rows of S per pass over the columns: acc (S^T q) is read and written a quarter as
     often, measured 1.25-1.5x faster than one row at a time at K = V = 64. The loop is written
@@ -73,15 +75,16 @@ def gated_forward(q, k, v, ak, scale, S0, n_vblocks, zero, o, ST):
         W = j1 - j0
         S = S0[b, h, :, j0:j1].copy()                           # [K, W] the block's columns
         acc = np.empty(W, dtype=S0.dtype)                        # S_t^T q_t
+        last = ak.shape[3] - 1
         for t in range(T):
             qt, kt, at, vt = q[b, t, h], k[b, t, h], ak[b, t, h], v[b, t, h, j0:j1]
             acc[:] = zero
             i = 0
             while i + 4 <= K:
-                a0 = at[i]
-                a1 = at[i + 1]
-                a2 = at[i + 2]
-                a3 = at[i + 3]
+                a0 = at[min(i, last)]
+                a1 = at[min(i + 1, last)]
+                a2 = at[min(i + 2, last)]
+                a3 = at[min(i + 3, last)]
                 k0 = kt[i]
                 k1 = kt[i + 1]
                 k2 = kt[i + 2]
@@ -107,7 +110,7 @@ def gated_forward(q, k, v, ak, scale, S0, n_vblocks, zero, o, ST):
                     acc[j] += (q0 * s0 + q1 * s1) + (q2 * s2 + q3 * s3)
                 i += 4
             while i < K:                                         # the K % 4 rows left
-                a0 = at[i]
+                a0 = at[min(i, last)]
                 k0 = kt[i]
                 q0 = qt[i]
                 R0 = S[i]
@@ -135,12 +138,13 @@ def gated_forward_gv(q, k, v, ak, bk, scale, S0, n_vblocks, zero, o, ST):
         S = S0[b, h, :, j0:j1].copy()
         bv = np.ones(W, dtype=S0.dtype)
         acc = np.empty(W, dtype=S0.dtype)
+        last = ak.shape[3] - 1
         for t in range(T):
             _value_gates(bv, bk, True, b, t, h, j0)
             qt, kt, at, vt = q[b, t, h], k[b, t, h], ak[b, t, h], v[b, t, h, j0:j1]
             acc[:] = zero
             for i in range(K):
-                a = at[i]
+                a = at[min(i, last)]
                 ki = kt[i]
                 qi = qt[i]
                 Si = S[i]
@@ -158,8 +162,9 @@ def gated_forward_gv(q, k, v, ak, bk, scale, S0, n_vblocks, zero, o, ST):
 def gated_backward(q, k, v, ak, bk, use_gv, scale, S0, do, dST, n_vblocks, L, zero,
                    dq_part, dk_part, dgk_part, dv, dgv, dS0):
     """The adjoint walk (module docstring). Writes dv, dgv (when use_gv), dS0 and the per-value-
-    block partial sums dq_part, dk_part, dgk_part [n_vblocks, B, T, H, K]. zero: 0 in the
-    inputs' dtype (sums are accumulated in it, as the reference does)."""
+    block partial sums dq_part, dk_part [n_vblocks, B, T, H, K] and dgk_part [n_vblocks, B, T,
+    H, Kg] (Kg = ak's last axis: K, or 1 with one gate per head, whose rows' sums it adds up).
+    zero: 0 in the inputs' dtype (sums are accumulated in it, as the reference does)."""
     B, T, H, K = q.shape
     V = v.shape[3]
     NB = (T + L - 1) // L                                       # checkpoint blocks
@@ -202,8 +207,10 @@ def gated_backward(q, k, v, ak, bk, use_gv, scale, S0, do, dST, n_vblocks, L, ze
                 dgvt[:] = zero
                 dqt, dkt, dgt = dq_part[jb, b, t, h], dk_part[jb, b, t, h], dgk_part[jb, b, t, h]
                 dvt[:] = zero
+                dgt[:] = zero
+                last = at.shape[0] - 1
                 for i in range(K):                               # one pass over dS per step
-                    a = at[i]
+                    a = at[min(i, last)]
                     sq = scale * qt[i]
                     ki = kt[i]
                     dq_i = zero
@@ -221,15 +228,14 @@ def gated_backward(q, k, v, ak, bk, use_gv, scale, S0, do, dST, n_vblocks, L, ze
                         dSi[j] = a * d * bv[j]                   # to dL/dS_{t-1}
                     dqt[i] = scale * dq_i
                     dkt[i] = dk_i
-                    dgt[i] = dg_i
+                    dgt[min(i, last)] += dg_i
         dS0[b, h, :, j0:j1] = dS
 
 
 # ------------------------------------------------------------------------------ drivers
 def _decays(gk, gv, q_shape, v_shape, dtype):
-    """(a = exp(gk) [B, T, H, K], b = exp(gv) [B, T, H, V] or a stand-in, whether gv is given).
-    NumPy's vectorised exp: a scalar exp per (t, i) in the kernel cost as much as the rest."""
-    ak = np.exp(np.broadcast_to(gk, q_shape))   # a new C-contiguous array
+    """(a = exp(gk) (decays), b = exp(gv) [B, T, H, V] or a stand-in, whether gv is given)."""
+    ak = decays(gk, q_shape)
     if gv is None:
         return ak, np.ones((1, 1, 1, 1), dtype), False
     return ak, np.exp(np.broadcast_to(gv, v_shape)), True
@@ -252,13 +258,13 @@ def forward(q, k, v, gk, gv, scale, S0):
 
 
 def backward(q, k, v, gk, gv, scale, S0, do, dST):
-    """Gradients (dq, dk, dv, dgk [B, T, H, K], dgv or None, dS0) of the recurrence."""
+    """Gradients (dq, dk, dv, dgk [B, T, H, Kg] (gk's last axis), dgv or None, dS0)."""
     B, T, H, K = q.shape
     dtype = v.dtype
     q, k, v, S0, do, dST = contiguous(q, k, v, S0, do, dST)
     ak, bk, use_gv = _decays(gk, gv, q.shape, v.shape, dtype)
     nvb = n_value_blocks(B * H, v.shape[3])
-    parts = [np.empty((nvb,) + q.shape, dtype) for _ in range(3)]
+    parts = [np.empty((nvb,) + q.shape, dtype) for _ in range(2)] + [np.empty((nvb,) + ak.shape, dtype)]
     dv = np.empty(v.shape, dtype)
     dgv = np.empty(v.shape, dtype) if use_gv else np.zeros((1, 1, 1, 1), dtype)
     dS0 = np.empty(S0.shape, dtype)
@@ -305,7 +311,7 @@ def simple_gla_recurrent(q, k, v, g, *, scale, initial_state):
 
 def simple_gla_recurrent_vjp(q, k, v, g, do, dht, *, scale, initial_state):
     dq, dk, dv, dgk, _, dS0 = backward(q, k, v, g[..., None], None, scale, initial_state, do, dht)
-    return {"q": dq, "k": dk, "v": dv, "g": dgk.sum(-1), "initial_state": dS0}
+    return {"q": dq, "k": dk, "v": dv, "g": dgk[..., 0], "initial_state": dS0}
 
 
 def gla_recurrent(q, k, v, g, gv, *, scale, initial_state):
