@@ -67,22 +67,63 @@ def _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero):
 @nb.njit(parallel=True, cache=True, nogil=True, fastmath=REDUCTIONS)
 def delta_forward(q, k, v, ak, beta, scale, S0, n_vblocks, zero, o, ST):
     """o [B, T, H, V] and ST [B, H, K, V] (written); decays ak = exp(gk) [B, T, H, K], or
-    [B, T, H, 1] for one gate per head; beta [B, T, H]."""
+    [B, T, H, 1] for one gate per head; beta [B, T, H].
+
+    One pass over S per step (``_step`` takes two): with c_t = a_t * k_t (per row),
+    r_t = S'_t^T k_t = S_{t-1}^T c_t, so the pass that writes S_t = diag(a_t) S_{t-1} + k_t delta_t^T
+    also accumulates o_t from S_t^T q_t and the next step's r_{t+1} = S_t^T c_{t+1}. Measured
+    1.0-1.3x faster than the two passes at K = V = 64; four rows per pass as in _gla measured
+    slower here (1.1-1.2x), with seven arrays in the inner loop."""
     B, T, H, K = q.shape
     V = v.shape[3]
+    last = ak.shape[3] - 1                                      # 0 for one gate per head
     for task in nb.prange(B * H * n_vblocks):
         bh, jb = task // n_vblocks, task % n_vblocks   # (divmod does not type in prange)
         b, h = bh // H, bh % H
         j0, j1 = value_block(V, n_vblocks, jb)
         W = j1 - j0
         S = S0[b, h, :, j0:j1].copy()                           # [K, W]
-        r = np.empty(W, dtype=S0.dtype)
-        d = np.empty(W, dtype=S0.dtype)
+        r = np.empty(W, dtype=S0.dtype)                          # S_{t-1}^T c_t
+        r_next = np.empty(W, dtype=S0.dtype)
+        acc = np.empty(W, dtype=S0.dtype)                        # S_t^T q_t
+        d = np.empty(W, dtype=S0.dtype)                          # delta_t
+        c = np.empty(K, dtype=S0.dtype)                          # c_{t+1} = a_{t+1} k_{t+1}
+        r[:] = zero
+        if T > 0:
+            k0, a0 = k[b, 0, h], ak[b, 0, h]
+            for i in range(K):
+                ci = a0[min(i, last)] * k0[i]
+                Si = S[i]
+                for j in range(W):
+                    r[j] += ci * Si[j]
         for t in range(T):
-            _step(S, r, d, b, t, h, j0, q, k, v, ak, beta, zero)
+            qt, kt, at, vt = q[b, t, h], k[b, t, h], ak[b, t, h], v[b, t, h, j0:j1]
+            if t + 1 < T:
+                kn, an = k[b, t + 1, h], ak[b, t + 1, h]
+                for i in range(K):
+                    c[i] = an[min(i, last)] * kn[i]
+            else:
+                c[:] = zero
+            bt = beta[b, t, h]
+            for j in range(W):
+                d[j] = bt * (vt[j] - r[j])
+            acc[:] = zero
+            r_next[:] = zero
+            for i in range(K):
+                a = at[min(i, last)]
+                ki = kt[i]
+                qi = qt[i]
+                ci = c[i]
+                Si = S[i]
+                for j in range(W):
+                    s = a * Si[j] + ki * d[j]
+                    Si[j] = s
+                    acc[j] += qi * s
+                    r_next[j] += ci * s
             ot = o[b, t, h, j0:j1]
             for j in range(W):
-                ot[j] = scale * r[j]
+                ot[j] = scale * acc[j]
+                r[j] = r_next[j]
         ST[b, h, :, j0:j1] = S
 
 
