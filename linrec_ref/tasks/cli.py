@@ -5,6 +5,9 @@
                                   [--amb N] [--epoch E] [--shard-size K] [--overlap-compat]
     linrec selectivbench plot --preset NAME --out FILE.png [--amb N] [--seed S] [--idx I]
                               [--split train|test] [--epoch E]     (needs matplotlib)
+    linrec selectivbench train --preset t1-small --model gdn [--d-model 64 --layers 4 --heads 2
+                               --steps 2000 --lr 1e-3 --seed 1 ...] --out runs/   (resumes)
+    linrec selectivbench eval RUN_DIR [--preset t4-small] [--gap 8] [--n 256]
 
 Every argument is checked before anything is printed or created: a bad one prints one line on
 stderr and exits with status 2.
@@ -131,9 +134,75 @@ def _plot(args) -> int:
     return 0
 
 
+def _model_and_train_config(args):
+    from .model import ModelConfig
+    from .train import TrainConfig
+    mc = ModelConfig(model=args.model, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
+                     dropout=args.dropout, expand_v=args.expand_v, n_householder=args.n_householder,
+                     allow_neg_eigval=args.allow_neg_eigval, decay_floor=args.decay_floor,
+                     gate=not args.no_gate, gate_temperature=args.gate_temperature,
+                     d_state=args.d_state, dtype=args.dtype)
+    tc = TrainConfig(preset=args.preset, amb=args.amb, seed=args.seed, steps=args.steps,
+                     batch_size=args.batch_size, lr=args.lr, warmup=args.warmup, clip=args.clip,
+                     eval_every=args.eval_every, eval_samples=args.eval_samples)
+    return mc, tc
+
+
+def cmd_train(args) -> int:
+    from . import train as tr
+    try:
+        mc, tc = _model_and_train_config(args)
+        tr.prepare_run(mc, tc, args.out, args.name)          # every check before any work
+    except ValueError as err:
+        print(f"linrec selectivbench: {err}", file=sys.stderr)
+        return 2
+    try:
+        run_dir = tr.train(mc, tc, args.out, name=args.name, backend=args.backend,
+                           progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    _print_eval(run_dir, None, None, args.eval_samples, args.backend)
+    if importlib.util.find_spec("matplotlib") is not None:
+        print(f"curve: {tr.plot_run(run_dir)}")
+    return 0
+
+
+def _print_eval(run_dir, preset, gap, n, backend) -> None:
+    from . import train as tr
+    model, mc, tc, step = tr.load_run(run_dir, backend)
+    task = tc.task()
+    if preset is not None or gap is not None:
+        overrides = {} if tc.amb is None else {"amb": tc.amb}
+        if gap is not None:
+            overrides["test_gap"] = gap
+        task = presets.get_preset(preset or tc.preset, **overrides)
+    res = tr.evaluate(model, task, tc.seed, n)
+    ref = tr.baselines(run_dir, None if task == tc.task() else task)
+    gap_text = f", test gap {task.test.gap_fixed}" if task.test.gap_fixed is not None else ""
+    print(f"{run_dir}: {mc.model}, step {step}/{tc.steps}; test split of {task.name} (amb {task.n_amb}"
+          f"{gap_text}), {n} samples")
+    print(f"  loss {res['loss']:.4f}")
+    for key in ("acc_pooled", "acc_step", "acc_after_distractor"):
+        if not np.isnan(res[key]):
+            print(f"  {key[4:]:<17} {res[key]:.4f}")
+    lines = "  ".join(f"{k} {ref[k]:.3f}" for k in ("1-gram", "2-gram", "3-gram", "bayes"))
+    print(f"  reference lines (pooled): {lines}")
+
+
+def cmd_eval(args) -> int:
+    def run(a):
+        if a.n < 1:
+            raise ValueError(f"eval: --n must be an integer >= 1, got {a.n}")
+        if a.gap is not None and a.gap < 0:
+            raise ValueError(f"eval: --gap must be an integer >= 0, got {a.gap}")
+        _print_eval(a.run_dir, a.preset, a.gap, a.n, a.backend)
+        return 0
+    return _guarded(run, args)
+
+
 def register(subparsers) -> None:
     """Adds ``selectivbench describe`` and ``selectivbench generate`` to the ``linrec`` command."""
-    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot")
+    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot, train, eval")
     sub = p.add_subparsers(dest="selectivbench_command", required=True)
 
     def common(q):
@@ -166,3 +235,44 @@ def register(subparsers) -> None:
     pl.add_argument("--split", choices=presets.SPLITS, default="train")
     pl.add_argument("--epoch", type=int, default=0, help="the expansion epoch (as in generate)")
     pl.set_defaults(func=cmd_plot)
+
+    from .model import MODELS, ALIASES
+    from .train import TrainConfig
+    from .model import ModelConfig
+    t = sub.add_parser("train", help="train a model on a task (a run folder that resumes)")
+    common(t)
+    m, tdef = ModelConfig(), TrainConfig()
+    t.add_argument("--model", required=True, choices=list(MODELS) + sorted(ALIASES))
+    t.add_argument("--out", required=True, help="folder of run folders (one per configuration)")
+    t.add_argument("--name", default=None, help="the run folder's name (default: from the configuration)")
+    t.add_argument("--d-model", type=int, default=m.d_model)
+    t.add_argument("--layers", type=int, default=m.n_layers)
+    t.add_argument("--heads", type=int, default=m.n_heads)
+    t.add_argument("--dropout", type=float, default=m.dropout)
+    t.add_argument("--expand-v", type=float, default=m.expand_v)
+    t.add_argument("--n-householder", type=int, default=m.n_householder, help="gated_delta_product")
+    t.add_argument("--allow-neg-eigval", action="store_true", help="delta family: beta in (0, 2)")
+    t.add_argument("--decay-floor", type=float, default=m.decay_floor, help="gated delta: alpha >= this")
+    t.add_argument("--no-gate", action="store_true", help="gated_delta_net with alpha = 1")
+    t.add_argument("--gate-temperature", type=float, default=m.gate_temperature, help="gla: 16 (1: off)")
+    t.add_argument("--d-state", type=int, default=m.d_state, help="mamba, mamba2")
+    t.add_argument("--dtype", choices=("float32", "float64"), default=m.dtype)
+    t.add_argument("--steps", type=int, default=tdef.steps)
+    t.add_argument("--batch-size", type=int, default=tdef.batch_size)
+    t.add_argument("--lr", type=float, default=tdef.lr)
+    t.add_argument("--warmup", type=int, default=tdef.warmup)
+    t.add_argument("--clip", type=float, default=tdef.clip)
+    t.add_argument("--eval-every", type=int, default=tdef.eval_every)
+    t.add_argument("--eval-samples", type=int, default=tdef.eval_samples)
+    t.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run folder's checkpoint, next to the reference lines")
+    e.add_argument("run_dir")
+    e.add_argument("--preset", default=None, choices=sorted(presets.PRESETS),
+                   help="evaluate on another task of the same grammar (e.g. t4-small)")
+    e.add_argument("--gap", type=int, default=None, help="blanks per element at test")
+    e.add_argument("--n", type=int, default=256, help="test samples")
+    e.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)
+    e.set_defaults(func=cmd_eval)
