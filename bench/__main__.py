@@ -1,13 +1,14 @@
 """``python -m bench <job>``: the benchmark harness's entry point (run from the repository root).
 
-    python -m bench cpu [...]     the CPU benchmark (bench/cpu.py; --help for its options)
+    python -m bench cpu [...]          the CPU benchmark (bench/cpu.py; --help for its options)
+    python -m bench train_step [...]   one SelectivBench training step against PyTorch (bench/train_step.py)
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))   # the scripts import their siblings (_harness)
 
-JOBS = {"cpu": "cpu"}
+JOBS = {"cpu": "cpu", "train_step": "train_step"}
 
 
 def main(argv=None) -> int:

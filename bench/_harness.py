@@ -82,3 +82,38 @@ def write_json_atomic(path, payload) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
         json.dump(payload, f, indent=1)
     os.replace(f.name, path)
+
+
+def current_rss() -> int:
+    """This process's resident set size in bytes (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+def peak_rss_during(fn):
+    """(fn(), the peak RSS in bytes above what the process held before the call).
+
+    A thread samples the current RSS every 0.5 ms while fn runs: ru_maxrss, the process's
+    high-water mark, reads 0 for any call that stays below an earlier peak (input generation
+    usually sets one). Work that holds the GIL for long stretches is sampled less often."""
+    import threading
+
+    top, stop = [current_rss()], threading.Event()
+    before = top[0]
+
+    def sample():
+        while not stop.is_set():
+            top[0] = max(top[0], current_rss())
+            time.sleep(0.0005)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        stop.set()
+        th.join()
+    return out, max(top[0], current_rss()) - before
