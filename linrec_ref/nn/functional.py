@@ -46,19 +46,22 @@ def _sum_to(dx: np.ndarray, shape: tuple) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- linear
 def linear(x, W, b=None):
-    """y [..., out] = x [..., in] W^T [in, out] + b [out]."""
-    y = x @ W.T
+    """y [..., out] = x [..., in] W^T [in, out] + b [out].
+
+    The token axes are flattened first: one [N, in] x [in, out] product is one BLAS call, where
+    x [B, T, in] @ W^T is B small ones (measured 2-3x slower at B = 32, T = 128, D = 64)."""
+    x2 = x.reshape(-1, x.shape[-1])                               # [N, in]
+    y = x2 @ W.T                                                  # [N, out]
     if b is not None:
-        y = y + b
-    return y, (x, W, b is not None)
+        y += b
+    return y.reshape(x.shape[:-1] + (W.shape[0],)), (x2, W, b is not None, x.shape)
 
 
 def linear_vjp(cache, dy):
     """{x, W, b (None without bias)}: dx = dy W, dW = dy^T x summed over tokens, db = sum dy."""
-    x, W, has_b = cache
-    x2 = x.reshape(-1, x.shape[-1])                               # [N, in]
+    x2, W, has_b, shape = cache
     dy2 = dy.reshape(-1, dy.shape[-1])                            # [N, out]
-    return {"x": dy @ W, "W": dy2.T @ x2, "b": dy2.sum(0) if has_b else None}
+    return {"x": (dy2 @ W).reshape(shape), "W": dy2.T @ x2, "b": dy2.sum(0) if has_b else None}
 
 
 # ----------------------------------------------------------------------------- norms

@@ -259,13 +259,23 @@ def _exclusive_cumsum(x, axis=-1):
 
 
 # ----------------------------------------------------------------------------- parallel
-def _bias(gh, log_a, window, with_window=True):
+def _bias(gh, log_a, window, with_window=True, gated=True):
     """Logit bias of the parallel form: [B, H, T, L+T] = [log a_i + G_t | segsum(g)_{t,s}],
-    -inf above the diagonal and (with_window) outside the window. gh: [B, H, T]; log_a: [B, H, L]."""
+    -inf above the diagonal and (with_window) outside the window. gh: [B, H, T]; log_a: [B, H, L].
+    gated=False (no g: gh is zeros) builds the same bias without the segment sums: G = 0 and
+    segsum(0) is the causal mask (0 on and below the diagonal, -inf above)."""
     T, L = gh.shape[-1], log_a.shape[-1]
-    G = np.cumsum(gh, axis=-1)                                      # [B, H, T]: g_1 + .. + g_t
-    cache = log_a[..., None, :] + G[..., :, None]                   # [B, H, T, L]
-    bias = np.concatenate([cache, segsum(gh)], axis=-1)             # [B, H, T, L+T]
+    if gated:
+        G = np.cumsum(gh, axis=-1)                                  # [B, H, T]: g_1 + .. + g_t
+        cache = log_a[..., None, :] + G[..., :, None]               # [B, H, T, L]
+        tokens = segsum(gh)                                         # [B, H, T, T]
+    else:
+        cache = np.broadcast_to(log_a[..., None, :], gh.shape + (L,))
+        causal = np.where(np.tril(np.ones((T, T), dtype=bool)), 0.0, -np.inf).astype(gh.dtype)
+        tokens = np.broadcast_to(causal, gh.shape + (T,))
+        if L == 0 and not (with_window and window is not None):
+            return tokens                                           # a broadcast view [T, T]
+    bias = np.concatenate([cache, tokens], axis=-1)                 # [B, H, T, L+T]
     if with_window and window is not None:
         keep = _window_keep(np.arange(T)[:, None], np.arange(L + T) - L, window)  # [T, L+T]
         bias = np.where(keep, bias, -np.inf)
@@ -302,7 +312,7 @@ def _parallel_parts(q, k, v, g, scale, initial_state, window) -> ParallelParts:
     V_all = np.concatenate([Vc, _heads(v)], axis=2)                 # [B, H, L+T, V]
     gh = _gates(g, v)                                               # [B, H, T]
     qk = scale * (qh @ K_all.swapaxes(-1, -2))                      # [B, H, T, L+T]
-    bias = _bias(gh, _log(a), window)                               # [B, H, T, L+T]
+    bias = _bias(gh, _log(a), window, gated=g is not None)          # [B, H, T, L+T]
     P, m, den = _softmax_rows(qk + bias)                            # [B, H, T, L+T]
     return ParallelParts(qh=qh, K_all=K_all, V_all=V_all, gh=gh, qk=qk, bias=bias, P=P, m=m,
                          den=den)
@@ -311,7 +321,7 @@ def _parallel_parts(q, k, v, g, scale, initial_state, window) -> ParallelParts:
 def _final_cache(K_all, V_all, gh, a):
     """(K, V, a_out): a_out = [a_i exp(G_T) | exp(g_{s+1} + .. + g_T)], [B, H, L+T]."""
     G_T = np.sum(gh, axis=-1, keepdims=True)                        # [B, H, 1]
-    to_end = segsum(gh)[..., -1, :]                                 # [B, H, T]
+    to_end = _exclusive_cumsum(gh[..., ::-1], axis=-1)[..., ::-1]   # [B, H, T]: g after s
     return (K_all, V_all, np.concatenate([a * np.exp(G_T), np.exp(to_end)], axis=-1))
 
 
@@ -359,13 +369,14 @@ def parallel_vjp(q, k, v, g, do, dht, *, scale, initial_state, window):
     _, _, a_out = _final_cache(K_all, V_all, gh, a)
     G_T = np.sum(gh, axis=-1, keepdims=True)
     da = np.sum(E * centred[..., :L], axis=-2) + dht[2][..., :L] * np.exp(G_T)   # [B, H, L]
-    # gates: dg_j = sum_{t >= j} (sum of dS[t, columns before token j]) + final-cache terms
-    before = _exclusive_cumsum(dS, axis=-1)[..., L:]                # [B, H, T, T]: cols < L+j
-    dg = np.sum(np.tril(before), axis=-2)                           # [B, H, T]: rows t >= j
-    dg = dg + _exclusive_cumsum(dht[2] * a_out, axis=-1)[..., L:]   # d a_out / d g_j = a_out
     grads = {"q": _heads(dq), "k": _heads(dK[:, :, L:]), "v": _heads(dV[:, :, L:]),
-             "initial_state": (dK[:, :, :L], dV[:, :, :L], da)}
-    grads["g"] = None if g is None else np.moveaxis(dg, -1, 1)
+             "initial_state": (dK[:, :, :L], dV[:, :, :L], da), "g": None}
+    if g is not None:
+        # gates: dg_j = sum_{t >= j} (sum of dS[t, columns before token j]) + final-cache terms
+        before = _exclusive_cumsum(dS, axis=-1)[..., L:]            # [B, H, T, T]: cols < L+j
+        dg = np.sum(np.tril(before), axis=-2)                       # [B, H, T]: rows t >= j
+        dg = dg + _exclusive_cumsum(dht[2] * a_out, axis=-1)[..., L:]   # d a_out / d g_j = a_out
+        grads["g"] = np.moveaxis(dg, -1, 1)
     return grads
 
 
