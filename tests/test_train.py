@@ -67,6 +67,11 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path):
         assert a.files == b.files
         for k in a.files:
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    def strict(constant):
+        raise AssertionError(f"metrics.jsonl holds {constant}, not strict JSON")
+
+    for line in (resumed / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=strict)
     ra, rb = tr.read_metrics(straight), tr.read_metrics(resumed)
     assert [r["step"] for r in ra] == [r["step"] for r in rb]
     assert [r["loss"] for r in ra] == [r["loss"] for r in rb]
@@ -118,3 +123,34 @@ def test_cli_train_and_eval(tmp_path):
     assert not (tmp_path / "new").exists()
     missing = subprocess.run(base + ["eval", str(tmp_path / "nothing")], capture_output=True, text=True)
     assert missing.returncode == 2 and "not a run folder" in missing.stderr
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """SIGINT (Ctrl-C) to a running `linrec selectivbench train`: exit status 130, a checkpoint of
+    the last finished step; the same command then finishes the run."""
+    import os
+    import signal
+    import time
+
+    cmd = [sys.executable, "-m", "linrec_ref.cli", "selectivbench", "train", "--preset", "t1-small",
+           "--amb", "6", "--model", "gla", "--d-model", "8", "--layers", "1", "--steps", "400",
+           "--batch-size", "4", "--eval-every", "400", "--eval-samples", "8", "--warmup", "1",
+           "--out", str(tmp_path), "--no-progress"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "t1-small-amb6-gla-d8-l1-s1"
+    deadline = time.time() + 240
+    while not (run / "checkpoint.npz").exists() and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)
+    assert p.poll() is None, "the run ended before it could be interrupted"
+    os.kill(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "interrupted: checkpoint at step" in err
+    with np.load(run / "checkpoint.npz") as z:
+        stopped = int(z["step"])
+    assert 0 < stopped < 400
+    assert all(r["step"] <= stopped for r in tr.read_metrics(run))
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with np.load(run / "checkpoint.npz") as z:
+        assert int(z["step"]) == 400

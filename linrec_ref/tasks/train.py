@@ -121,8 +121,15 @@ def read_metrics(run_dir: Union[str, Path]) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def _json_value(v):
+    """NaN (an accuracy over no steps, e.g. after-distractor on a task without distractors) as
+    null, so that every line is strict JSON."""
+    return None if isinstance(v, float) and math.isnan(v) else v
+
+
 def _write_metrics(path: Path, records: list) -> None:
-    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in records))
+    atomic_write(path, lambda f: f.writelines(
+        json.dumps({k: _json_value(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in records))
 
 
 def prepare_run(model: ModelConfig, train: TrainConfig, out: Union[str, Path],
