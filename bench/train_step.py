@@ -44,8 +44,13 @@ def linrec_step(model_name: str, batch, seed: int = 1):
     tc = tr.TrainConfig(preset="t1-small", seed=seed)
     model, _ = tr.build_model(mc, tc)
     opt = optim.Adam(model.parameters())
+    limit = tr.blas_threads(mc, None)       # the training loop's BLAS policy (one thread beside Numba)
 
     def step():
+        with tr.blas_limit(limit):
+            return _step()
+
+    def _step():
         z, cache = model.forward(batch.x, Context(True, np.random.default_rng(0)))
         ce = F.cross_entropy(z, batch.y, batch.mask)
         _, grads = model.backward(cache, ce.dlogits)

@@ -1,5 +1,6 @@
 """The SelectivBench model and training loop: a whole-model gradient check, learning, resuming,
 rejected configurations."""
+import importlib.util
 import json
 import subprocess
 import sys
@@ -154,3 +155,17 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
     assert done.returncode == 0, done.stderr
     with np.load(run / "checkpoint.npz") as z:
         assert int(z["step"]) == 400
+
+
+def test_blas_runs_on_one_thread_only_beside_numba_kernels():
+    gdn, tf = md.ModelConfig(model="gated_delta_net"), md.ModelConfig(model="transformer")
+    assert tr.blas_threads(gdn, "numpy") is None
+    assert tr.blas_threads(tf, "auto") is None
+    if importlib.util.find_spec("numba") is None:
+        assert tr.blas_threads(gdn, "auto") is None
+        return
+    assert tr.blas_threads(gdn, "numba") == 1
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    with tr.blas_limit(1):
+        assert all(p["num_threads"] == 1 for p in threadpoolctl.threadpool_info()
+                   if p["user_api"] == "blas")

@@ -230,7 +230,8 @@ def blas_threads(model: ModelConfig, backend: Optional[str]):
     return 1
 
 
-def _blas_limit(limit):
+def blas_limit(limit):
+    """A context that limits BLAS to `limit` threads (None, or threadpoolctl missing: no limit)."""
     if limit is None:
         return contextlib.nullcontext()
     try:
@@ -261,7 +262,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: Union[str, 
     last = tc.steps if stop_at is None else min(tc.steps, stop_at)
     bar = _bar(progress, step, tc.steps, run_dir.name)
     tokens, t_start = 0, time.perf_counter()
-    with _blas_limit(blas_threads(mc, backend)):
+    with blas_limit(blas_threads(mc, backend)):
         return _loop(run_dir, model, opt, task, mc, tc, step, last, records, bar, tokens, t_start)
 
 
