@@ -60,7 +60,7 @@ gap = [4, 8]
     ('[train]\nlearning_rate = 1\n[[grid]]\nmodel = "gdn"\n', "[train] has unknown key(s) ['learning_rate']"),
     ('runs = 3\n[[grid]]\nmodel = "gdn"\n', "unknown top-level key(s) ['runs']"),
     ('name = "x"\n', "at least one [[grid]] block"),
-    ('[[grid]]\nmodel = "gdn"\n[[evaluate]]\npreset = "t4-small"\ngap = 0\n', "gap must be an integer >= 1"),
+    ('[[grid]]\nmodel = "gdn"\n[[evaluate]]\npreset = "t4-small"\ngap = -1\n', "gap must be an integer >= 0"),
     ('[[grid]]\nmodel = "gdn"\n[[evaluate]]\npreset = "t7"\n', "unknown preset 't7'"),
     ('[[grid]\nmodel = "gdn"\n', "not valid TOML"),
 ])

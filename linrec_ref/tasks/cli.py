@@ -169,15 +169,7 @@ def cmd_train(args) -> int:
 
 def _print_eval(run_dir, preset, gap, n, backend) -> None:
     from . import train as tr
-    model, mc, tc, step = tr.load_run(run_dir, backend)
-    task = tc.task()
-    if preset is not None or gap is not None:
-        overrides = {} if tc.amb is None else {"amb": tc.amb}
-        if gap is not None:
-            overrides["test_gap"] = gap
-        task = presets.get_preset(preset or tc.preset, **overrides)
-    res = tr.evaluate(model, task, tc.seed, n)
-    ref = tr.baselines(run_dir, None if task == tc.task() else task)
+    res, task, ref, mc, tc, step = tr.evaluate_run(run_dir, preset, gap, n, backend)
     gap_text = f", test gap {task.test.gap_fixed}" if task.test.gap_fixed is not None else ""
     print(f"{run_dir}: {mc.model}, step {step}/{tc.steps}; test split of {task.name} (amb {task.n_amb}"
           f"{gap_text}), {n} samples")
@@ -200,9 +192,35 @@ def cmd_eval(args) -> int:
     return _guarded(run, args)
 
 
+def cmd_sweep(args) -> int:
+    from . import sweep
+    try:
+        counts = _guarded_value(lambda: sweep.sweep(
+            args.plan, args.out, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
+            dry_run=args.dry_run, progress=not args.no_progress, backend=args.backend))
+    except ImportError as err:
+        print(f"linrec selectivbench: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: finished runs are kept, unfinished ones resume from their checkpoints "
+              "when the same command runs again", file=sys.stderr)
+        return 130
+    if counts is None:
+        return 2
+    return 1 if counts["failed"] else 0
+
+
+def _guarded_value(fn):
+    try:
+        return fn()
+    except ValueError as err:
+        print(f"linrec selectivbench: {err}", file=sys.stderr)
+        return None
+
+
 def register(subparsers) -> None:
     """Adds ``selectivbench describe`` and ``selectivbench generate`` to the ``linrec`` command."""
-    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot, train, eval")
+    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot, train, eval, sweep")
     sub = p.add_subparsers(dest="selectivbench_command", required=True)
 
     def common(q):
@@ -276,3 +294,16 @@ def register(subparsers) -> None:
     e.add_argument("--n", type=int, default=256, help="test samples")
     e.add_argument("--backend", choices=("auto", "numba", "numpy"), default=None)
     e.set_defaults(func=cmd_eval)
+
+    w = sub.add_parser("sweep", help="run an experiment plan (TOML) on Dask: resumable, skips finished runs")
+    w.add_argument("plan", help="a plan file, e.g. experiments/forgetting.toml")
+    w.add_argument("--out", default="runs", help="folder of plan folders (default: runs)")
+    w.add_argument("--workers", type=int, default=None,
+                   help="LocalCluster worker processes (default: one per core)")
+    w.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler (tcp://...)")
+    w.add_argument("--threads", type=int, default=None,
+                   help="threads per run (default: cores // workers locally, 1 on a cluster)")
+    w.add_argument("--dry-run", action="store_true", help="print the grid, the run count and a time estimate")
+    w.add_argument("--backend", default=None, choices=["auto", "numba", "numpy"])
+    w.add_argument("--no-progress", action="store_true")
+    w.set_defaults(func=cmd_sweep)

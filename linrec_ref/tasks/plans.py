@@ -157,8 +157,8 @@ def load_plan(path: Union[str, Path]) -> Plan:
             raise ValueError(f"{where}: expected the keys preset and (optional) gap, got {block!r}")
         for preset in _as_list(where, "preset", block["preset"]):
             for gap in _as_list(where, "gap", block.get("gap", 1)):
-                if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-                    raise ValueError(f"{where}: gap must be an integer >= 1, got {gap!r}")
+                if isinstance(gap, bool) or not isinstance(gap, int) or gap < 0:
+                    raise ValueError(f"{where}: gap must be an integer >= 0, got {gap!r}")
                 try:
                     presets.get_preset(preset)
                 except ValueError as e:

@@ -335,6 +335,24 @@ def load_run(run_dir: Union[str, Path], backend: Optional[str] = None):
     return model, mc, tc, step
 
 
+def evaluate_run(run_dir: Union[str, Path], preset: Optional[str] = None, gap: Optional[int] = None,
+                 n: int = 256, backend: Optional[str] = None):
+    """Score a run's checkpoint on its own test split, or on `preset` of the same grammar with
+    `gap` blanks per element. Returns (metrics, task, reference lines, ModelConfig, TrainConfig,
+    step)."""
+    model, mc, tc, step = load_run(run_dir, backend)
+    task = tc.task()
+    if preset is not None or gap is not None:
+        overrides = {} if tc.amb is None else {"amb": tc.amb}
+        if gap is not None:
+            overrides["test_gap"] = gap
+        task = presets.get_preset(preset or tc.preset, **overrides)
+    with blas_limit(blas_threads(mc, backend)):
+        res = evaluate(model, task, tc.seed, n)
+    ref = baselines(run_dir, None if task == tc.task() else task)
+    return res, task, ref, mc, tc, step
+
+
 def baselines(run_dir: Union[str, Path], task: Optional[presets.TaskConfig] = None) -> dict:
     """The n-gram and Bayes reference lines of the run's grammar on its test split (cached in
     baselines.json for the run's own task)."""

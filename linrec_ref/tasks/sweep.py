@@ -1,0 +1,228 @@
+"""Run an experiment plan on Dask distributed: one training run per task, resumable.
+
+    linrec selectivbench sweep experiments/forgetting.toml --out runs/ [--workers 2]
+    linrec selectivbench sweep PLAN --out runs/ --scheduler tcp://host:8786    # an existing cluster
+
+Layout: ``OUT/<plan name>/<run name>/`` is an ordinary run folder (``linrec selectivbench
+train``'s), plus ``done.json`` once the run and its extra evaluations finished, or ``error.json``
+when it failed (the traceback; the run is retried by the next sweep). A sweep skips every run with
+a ``done.json``; a run with a checkpoint and no ``done.json`` resumes from its checkpoint (the
+training loop does that), so a killed sweep loses at most the steps since each run's last
+checkpoint, and a second sweep over the same folder repeats no finished work.
+
+Threads: by default a ``LocalCluster`` of k worker processes, one task at a time each, and each
+run limited to cores // k threads (Numba's pool and BLAS; the training loop runs BLAS on one
+thread beside Numba kernels), so workers x threads <= cores. With ``--scheduler`` the plan is
+submitted to that cluster's workers as they are; each run then uses ``--threads`` (default 1).
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Union
+
+from .plans import Plan, Run, load_plan
+from .train import atomic_write
+
+# Measured ms per training step (python -m bench train_step, batch 32 x 128 steps of t1-small,
+# D = 64, 4 layers; 2026-12-04, 2 cores): the dry-run's time estimate, scaled by width and by the
+# preset's sample length. Recurrent models other than these are estimated as gated_delta_net.
+STEP_MS = {("gated_delta_net", 1): 295.0, ("gated_delta_net", 2): 216.5,
+           ("transformer", 1): 315.7, ("transformer", 2): 289.9}
+
+
+def _write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda f: json.dump(obj, f, indent=2, allow_nan=False))
+
+
+def run_dir(out: Union[str, Path], plan: Plan, run: Run) -> Path:
+    return Path(out) / plan.name / run.name
+
+
+def status(out: Union[str, Path], plan: Plan, run: Run) -> str:
+    """'done', 'failed' (the last attempt raised), 'partial' (a checkpoint, not finished), 'new'."""
+    d = run_dir(out, plan, run)
+    if (d / "done.json").exists():
+        return "done"
+    if (d / "error.json").exists():
+        return "failed"
+    return "partial" if (d / "checkpoint.npz").exists() else "new"
+
+
+def estimate_seconds(run: Run, threads: int) -> float:
+    """Rough wall time of one run from the measured step times (STEP_MS)."""
+    mc, tc = run.model, run.train
+    key = "transformer" if mc.model == "transformer" else "gated_delta_net"
+    ms = STEP_MS[(key, min(max(threads, 1), 2))]
+    length = _steps_per_sample(tc.preset, tc.amb) / 128          # the bench's batch has 128 steps
+    width = (mc.d_model / 64) ** 1.5 * (mc.n_layers / 4)
+    evals = (tc.steps // tc.eval_every + 1) * tc.eval_samples / tc.batch_size / 3   # forward only
+    return (tc.steps + evals) * ms * width * max(length, 0.25) * tc.batch_size / 32 / 1e3
+
+
+@functools.lru_cache(maxsize=None)
+def _steps_per_sample(preset: str, amb: Optional[int]) -> int:
+    """Time steps of a training batch of the preset (its longest sample), from one drawn batch."""
+    from .train import TrainConfig, train_batch
+    tc = TrainConfig(preset=preset, amb=amb)
+    return train_batch(tc.task(), 1, 1, 8).n_steps
+
+
+@dataclass(frozen=True)
+class Outcome:
+    name: str
+    status: str                 # "done" or "failed"
+    seconds: float
+    error: str = ""
+
+
+def run_one(out: str, plan: Plan, run: Run, threads: int, backend: Optional[str] = None) -> Outcome:
+    """Train (or resume) one run and its extra evaluations; never raises (a failure is recorded
+    in error.json and returned). Runs inside a Dask worker."""
+    from . import train as tr
+    d = run_dir(out, plan, run)
+    t0 = time.perf_counter()
+    try:
+        _set_threads(threads)
+        tr.train(run.model, run.train, Path(out) / plan.name, name=run.name, backend=backend,
+                 progress=False)
+        final = next(r for r in reversed(tr.read_metrics(d))
+                     if r["kind"] == "eval" and r["step"] == run.train.steps)
+        extra = []
+        for ev in plan.evaluations:
+            res, task, ref, *_ = tr.evaluate_run(d, ev.preset, ev.gap, run.train.eval_samples, backend)
+            extra.append({"preset": ev.preset, "gap": ev.gap, **res, "baselines": ref})
+        if (d / "error.json").exists():
+            os.unlink(d / "error.json")
+        seconds = time.perf_counter() - t0
+        _write_json(d / "done.json", {"final": {k: tr._json_value(v) for k, v in final.items()},
+                                      "evaluations": _clean(extra), "seconds": seconds,
+                                      "threads": threads})
+        return Outcome(run.name, "done", seconds)
+    except Exception as err:                             # recorded; the sweep goes on
+        seconds = time.perf_counter() - t0
+        text = "".join(traceback.format_exception(type(err), err, err.__traceback__))
+        d.mkdir(parents=True, exist_ok=True)
+        _write_json(d / "error.json", {"error": f"{type(err).__name__}: {err}", "traceback": text,
+                                       "seconds": seconds})
+        return Outcome(run.name, "failed", seconds, f"{type(err).__name__}: {err}")
+
+
+def _clean(obj):
+    from .train import _json_value
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return _json_value(obj) if isinstance(obj, float) else obj
+
+
+def _set_threads(threads: int) -> None:
+    """Numba's pool and BLAS limited to `threads` for the rest of this worker process."""
+    try:
+        import numba
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(limits=threads, user_api="blas")
+    except ImportError:
+        pass
+
+
+def plan_table(plan: Plan, out: Union[str, Path], threads: int) -> List[Dict]:
+    return [{"run": r.name, "status": status(out, plan, r), "estimate_s": estimate_seconds(r, threads)}
+            for r in plan.runs]
+
+
+def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optional[int] = None,
+          scheduler: Optional[str] = None, threads: Optional[int] = None, dry_run: bool = False,
+          progress: bool = True, backend: Optional[str] = None) -> Dict[str, int]:
+    """Run every unfinished run of the plan; returns the counts {done, failed, skipped}."""
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    cores = os.cpu_count() or 1
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"sweep: --workers must be an integer >= 1, got {workers!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"sweep: --threads must be an integer >= 1, got {threads!r}")
+    k = workers or (1 if scheduler else cores)
+    if scheduler is None:
+        k = min(k, cores)
+    per_run = threads or (1 if scheduler else max(1, cores // k))
+    table = plan_table(plan, out, per_run)
+    todo = [r for r, row in zip(plan.runs, table) if row["status"] != "done"]
+    if dry_run:
+        _print_dry_run(plan, table, k, per_run)
+        return {"done": 0, "failed": 0, "skipped": len(table) - len(todo)}
+    counts = {"done": 0, "failed": 0, "skipped": len(table) - len(todo)}
+    if not todo:
+        print(f"sweep {plan.name}: all {len(table)} runs already done in {Path(out) / plan.name}")
+        return counts
+    try:
+        from dask.distributed import Client, LocalCluster, as_completed
+    except ImportError:
+        raise ImportError("linrec selectivbench sweep needs Dask distributed: "
+                          "pip install 'linrec_ref[sweep]'") from None
+    (Path(out) / plan.name).mkdir(parents=True, exist_ok=True)
+    cluster = None
+    if scheduler is None:
+        cluster = LocalCluster(n_workers=k, threads_per_worker=1, processes=True,
+                               dashboard_address=":0", silence_logs=40)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        print(f"sweep {plan.name}: {len(todo)} of {len(table)} runs to do ({counts['skipped']} done), "
+              f"{k} workers x {per_run} threads; dashboard {client.dashboard_link}", flush=True)
+        futures = [client.submit(run_one, str(out), plan, r, per_run, backend, key=f"{plan.name}/{r.name}",
+                                 pure=False) for r in todo]
+        bar = _bar(progress, len(todo), plan.name)
+        for fut in as_completed(futures):
+            o: Outcome = fut.result()
+            counts[o.status] += 1
+            if o.status == "failed":
+                print(f"  failed: {o.name}: {o.error}", file=sys.stderr, flush=True)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(done=counts["done"], failed=counts["failed"],
+                                running=min(k, len(todo) - counts["done"] - counts["failed"]))
+        if bar is not None:
+            bar.close()
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    print(f"sweep {plan.name}: {counts['done']} done, {counts['failed']} failed, "
+          f"{counts['skipped']} skipped (already done)")
+    return counts
+
+
+def _bar(progress: bool, total: int, desc: str):
+    if not progress:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
+
+
+def _print_dry_run(plan: Plan, table: List[Dict], workers: int, threads: int) -> None:
+    print(f"plan {plan.name} ({plan.source}): {plan.description}")
+    width = max(len(r["run"]) for r in table)
+    for r in table:
+        print(f"  {r['run']:<{width}}  {r['status']:<8} ~{r['estimate_s'] / 60:5.1f} min")
+    todo = [r["estimate_s"] for r in table if r["status"] != "done"]
+    total = sum(todo)
+    print(f"{len(table)} runs, {len(todo)} to do; estimated {total / 3600:.2f} h of run time, "
+          f"~{total / workers / 3600:.2f} h on {workers} workers x {threads} threads "
+          "(from the measured step times; a rough guide)")
+    for ev in plan.evaluations:
+        print(f"  then each run evaluated on {ev.preset} with gap {ev.gap}")
