@@ -169,7 +169,8 @@ def cmd_train(args) -> int:
 
 def _print_eval(run_dir, preset, gap, n, backend) -> None:
     from . import train as tr
-    res, task, ref, mc, tc, step = tr.evaluate_run(run_dir, preset, gap, n, backend)
+    ev = tr.evaluate_run(run_dir, preset, gap, n, backend)
+    res, task, ref, mc, tc, step = ev.metrics, ev.task, ev.baselines, ev.model, ev.train, ev.step
     gap_text = f", test gap {task.test.gap_fixed}" if task.test.gap_fixed is not None else ""
     print(f"{run_dir}: {mc.model}, step {step}/{tc.steps}; test split of {task.name} (amb {task.n_amb}"
           f"{gap_text}), {n} samples")
@@ -194,10 +195,13 @@ def cmd_eval(args) -> int:
 
 def cmd_sweep(args) -> int:
     from . import sweep
+
+    def run(a):
+        counts = sweep.sweep(a.plan, a.out, workers=a.workers, scheduler=a.scheduler, threads=a.threads,
+                             dry_run=a.dry_run, progress=not a.no_progress, backend=a.backend)
+        return 1 if counts["failed"] else 0
     try:
-        counts = _guarded_value(lambda: sweep.sweep(
-            args.plan, args.out, workers=args.workers, scheduler=args.scheduler, threads=args.threads,
-            dry_run=args.dry_run, progress=not args.no_progress, backend=args.backend))
+        return _guarded(run, args)
     except ImportError as err:
         print(f"linrec selectivbench: {err}", file=sys.stderr)
         return 2
@@ -205,17 +209,6 @@ def cmd_sweep(args) -> int:
         print("\ninterrupted: finished runs are kept, unfinished ones resume from their checkpoints "
               "when the same command runs again", file=sys.stderr)
         return 130
-    if counts is None:
-        return 2
-    return 1 if counts["failed"] else 0
-
-
-def _guarded_value(fn):
-    try:
-        return fn()
-    except ValueError as err:
-        print(f"linrec selectivbench: {err}", file=sys.stderr)
-        return None
 
 
 def register(subparsers) -> None:

@@ -96,8 +96,8 @@ def run_one(out: str, plan: Plan, run: Run, threads: int, backend: Optional[str]
                      if r["kind"] == "eval" and r["step"] == run.train.steps)
         extra = []
         for ev in plan.evaluations:
-            res, task, ref, *_ = tr.evaluate_run(d, ev.preset, ev.gap, run.train.eval_samples, backend)
-            extra.append({"preset": ev.preset, "gap": ev.gap, **res, "baselines": ref})
+            r = tr.evaluate_run(d, ev.preset, ev.gap, run.train.eval_samples, backend)
+            extra.append({"preset": ev.preset, "gap": ev.gap, **r.metrics, "baselines": r.baselines})
         if (d / "error.json").exists():
             os.unlink(d / "error.json")
         seconds = time.perf_counter() - t0

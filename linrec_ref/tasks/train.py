@@ -33,7 +33,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Dict, NamedTuple, Optional, Union
 
 import numpy as np
 
@@ -335,11 +335,19 @@ def load_run(run_dir: Union[str, Path], backend: Optional[str] = None):
     return model, mc, tc, step
 
 
+class RunEvaluation(NamedTuple):
+    metrics: Dict[str, float]       # loss, acc_pooled, acc_step, acc_after_distractor
+    task: presets.TaskConfig        # the task it was scored on
+    baselines: dict                 # the n-gram and Bayes reference lines of that task
+    model: ModelConfig
+    train: TrainConfig
+    step: int                       # the checkpoint's step
+
+
 def evaluate_run(run_dir: Union[str, Path], preset: Optional[str] = None, gap: Optional[int] = None,
                  n: int = 256, backend: Optional[str] = None):
     """Score a run's checkpoint on its own test split, or on `preset` of the same grammar with
-    `gap` blanks per element. Returns (metrics, task, reference lines, ModelConfig, TrainConfig,
-    step)."""
+    `gap` blanks per element (``RunEvaluation``)."""
     model, mc, tc, step = load_run(run_dir, backend)
     task = tc.task()
     if preset is not None or gap is not None:
@@ -350,7 +358,7 @@ def evaluate_run(run_dir: Union[str, Path], preset: Optional[str] = None, gap: O
     with blas_limit(blas_threads(mc, backend)):
         res = evaluate(model, task, tc.seed, n)
     ref = baselines(run_dir, None if task == tc.task() else task)
-    return res, task, ref, mc, tc, step
+    return RunEvaluation(res, task, ref, mc, tc, step)
 
 
 def baselines(run_dir: Union[str, Path], task: Optional[presets.TaskConfig] = None) -> dict:
