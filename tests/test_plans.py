@@ -63,6 +63,7 @@ gap = [4, 8]
     ('[[grid]]\nmodel = "gdn"\n[[evaluate]]\npreset = "t4-small"\ngap = -1\n', "gap must be an integer >= 0"),
     ('[[grid]]\nmodel = "gdn"\n[[evaluate]]\npreset = "t7"\n', "unknown preset 't7'"),
     ('[[grid]\nmodel = "gdn"\n', "not valid TOML"),
+    ('[[grid]]\nmodel = "gdn"\nlr = [1e-3, 3e-3]\n', "would share the folder"),
 ])
 def test_bad_plans_are_rejected_with_the_block_and_key(tmp_path, text, message):
     path = write(tmp_path, text)

@@ -149,7 +149,11 @@ def load_plan(path: Union[str, Path]) -> Plan:
     runs: Dict[str, Run] = {}
     for i, block in enumerate(grid):
         for run in _block_runs(f"plan {path}, grid block {i + 1}", block, shared):
-            runs.setdefault(run.name, run)
+            seen = runs.setdefault(run.name, run)
+            if seen != run:                  # same folder name, another configuration
+                raise ValueError(f"plan {path}, grid block {i + 1}: two runs would share the folder "
+                                 f"{run.name!r} with different configurations; vary only model "
+                                 "options, preset, amb, seed, d_model or n_layers inside a plan")
     evaluations = []
     for i, block in enumerate(data.get("evaluate", [])):
         where = f"plan {path}, evaluate block {i + 1}"
