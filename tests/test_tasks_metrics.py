@@ -214,3 +214,65 @@ def test_metrics_on_real_expanded_samples():
     assert n_inserted > 0
     assert metrics.step_accuracy(shifted, batch, return_counts=True) == (n_real - n_inserted, n_real)
     assert metrics.pooled_accuracy(shifted, batch) == 1.0
+
+
+def after_reset_slow(logits, batch, window):
+    """Literally: per sample, walk the elements; count those 1..window elements after a '#'."""
+    right = total = 0
+    for b in range(logits.shape[0]):
+        labels, hits, last_reset = [], [], None
+        for n in np.unique(batch.element[b][batch.mask[b]]):
+            steps = np.flatnonzero((batch.element[b] == n) & batch.mask[b])
+            z = logits[b, steps]
+            p = np.exp(z - z.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            label = batch.y[b, steps[0]]
+            if last_reset is not None and 1 <= n - last_reset <= window:
+                total += 1
+                right += int(np.argmax(p.sum(axis=0)) == label)
+            if label == metrics.RESET_ID:
+                last_reset = n
+    return right, total
+
+
+def test_after_reset_accuracy_matches_literal_definition():
+    rng = np.random.default_rng(3)
+    counted = 0
+    for window in (1, 2, 5):
+        for _ in range(5):
+            samples = []
+            for _ in range(3):
+                n_el = int(rng.integers(1, 14))
+                samples.append(make_sample(rng.integers(1, 3, n_el), rng.integers(0, 4, n_el), C=4))
+            batch = batching.collate(samples)
+            logits = 2.0 * rng.standard_normal((3, batch.n_steps, 4))
+            got = metrics.after_reset_accuracy(logits, batch, window, return_counts=True)
+            assert got == after_reset_slow(logits, batch, window)
+            counted += got[1]
+    assert counted > 0                                  # the random batches did contain resets
+    # no '#' in any sample: nothing counts
+    batch = batching.collate([make_sample([1, 1, 1], [1, 2, 3], C=4)])
+    assert np.isnan(metrics.after_reset_accuracy(np.zeros((1, 3, 4)), batch))
+    with pytest.raises(ValueError, match="window must be an integer >= 1"):
+        metrics.after_reset_accuracy(np.zeros((1, 3, 4)), batch, 0)
+
+
+def test_after_reset_accuracy_does_not_cross_samples():
+    """A '#' at the end of sample 0 says nothing about the first elements of sample 1."""
+    batch = batching.collate([make_sample([1, 1], [1, 0], C=3), make_sample([1, 1], [1, 2], C=3)])
+    assert np.isnan(metrics.after_reset_accuracy(np.zeros((2, 2, 3)), batch))
+    batch = batching.collate([make_sample([1, 1, 1, 1], [0, 1, 2, 1], C=3)])
+    probs = np.full((1, 4, 3), 0.1)
+    probs[0, :, 1] = 0.8                                # predicts 1 everywhere
+    assert metrics.after_reset_accuracy(logits_from_probs(probs), batch, 2, return_counts=True) == (1, 2)
+
+
+def test_offset_accuracy_by_position_inside_elements():
+    # elements of 3, 1 and 2 steps: offsets 0 1 2 | 0 | 0 1
+    batch = batching.collate([make_sample([3, 1, 2], [0, 1, 2], C=3)])
+    probs = np.full((1, 6, 3), 0.1)
+    probs[0, :, 0] = 0.8                                # right on element 0 only
+    right, total = metrics.offset_accuracy(logits_from_probs(probs), batch)
+    assert total.tolist() == [3, 2, 1] and right.tolist() == [1, 1, 1]
+    # summed over offsets it is the step accuracy
+    assert (right.sum(), total.sum()) == metrics.step_accuracy(logits_from_probs(probs), batch, return_counts=True)

@@ -175,9 +175,12 @@ def _print_eval(run_dir, preset, gap, n, backend) -> None:
     print(f"{run_dir}: {mc.model}, step {step}/{tc.steps}; test split of {task.name} (amb {task.n_amb}"
           f"{gap_text}), {n} samples")
     print(f"  loss {res['loss']:.4f}")
-    for key in ("acc_pooled", "acc_step", "acc_after_distractor"):
+    for key in ("acc_pooled", "acc_step", "acc_after_distractor", "acc_after_reset"):
         if not np.isnan(res[key]):
             print(f"  {key[4:]:<17} {res[key]:.4f}")
+    if len(res["acc_by_offset"]) > 1:
+        print("  step accuracy by offset in the element (0 = token step): "
+              + " ".join(f"{a:.3f}" for a in res["acc_by_offset"]))
     lines = "  ".join(f"{k} {ref[k]:.3f}" for k in ("1-gram", "2-gram", "3-gram", "bayes"))
     print(f"  reference lines (pooled): {lines}")
 

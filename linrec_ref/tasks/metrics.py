@@ -12,6 +12,10 @@ mask m [B, T] (``batching.Batch.mask``), softmax p_{b,t} = softmax(z_{b,t}).
 - ``step_accuracy``: un-pooled, argmax_s z_{b,t} == y_{b,t} averaged over real steps.
 - ``after_distractor_accuracy``: the same over the steps flagged ``batch.after_distractor``
   (NaN when there are none).
+- ``after_reset_accuracy``: the pooled accuracy over the elements 1..w after each end marker
+  ``#`` (hidden-state id 0) inside a sample: how fast a model forgets the previous string.
+- ``offset_accuracy``: un-pooled accuracy by the offset j of a step inside its element (j = 0 the
+  token step, j >= 1 the j-th inserted step): how recall decays across a gap.
 
 Every accuracy takes ``return_counts=True`` to return ``(n_correct, n_total)`` instead of the
 ratio, so that results over several batches can be summed exactly. Ties in an argmax go to the
@@ -158,3 +162,55 @@ def pooled_accuracy(logits: np.ndarray, batch, return_counts: bool = False) -> A
         )
     hit = pooled.argmax(axis=-1) == lo                              # [E]
     return _ratio(int(hit.sum()), int(hit.size), return_counts)
+
+
+RESET_ID = 0          # the hidden-state id of the end marker "#" (selectivbench.md section 2)
+
+
+def _element_labels(logits, batch, fn):
+    """Per element: sample b [E], element index n [E], label [E], pooled hit [E] (bool)."""
+    logits, y, _ = _batch_arrays(fn, logits, batch)
+    b, t, starts = element_groups(batch)
+    if starts.size == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z, np.zeros(0, bool)
+    probs = softmax(logits[b, t])                                   # [N, S]
+    pooled = np.add.reduceat(probs, starts, axis=0, dtype=np.float64)  # [E, S]
+    label = y[b[starts], t[starts]]                                 # [E]
+    n = np.asarray(batch.element)[b[starts], t[starts]]             # [E]
+    return b[starts], n, label, pooled.argmax(axis=-1) == label
+
+
+def after_reset_accuracy(logits: np.ndarray, batch, window: int = 5,
+                         return_counts: bool = False) -> Accuracy:
+    """Pooled accuracy over the elements 1..window after each ``#`` of a sample (NaN if none).
+
+    logits [B, T, S]; batch with y, mask, element [B, T]. An element n of sample b counts when
+    some element n - j, 1 <= j <= window, of the same sample is ``#`` (label RESET_ID); the
+    sample's first string (before any ``#``) does not count.
+    """
+    if isinstance(window, bool) or not isinstance(window, (int, np.integer)) or window < 1:
+        raise ValueError(f"after_reset_accuracy: window must be an integer >= 1, got {window!r}")
+    b, n, label, hit = _element_labels(logits, batch, "after_reset_accuracy")
+    # elements come sorted by (sample, element index): the last reset at or before each element
+    is_reset = label == RESET_ID                                    # [E]
+    pos = np.arange(b.size)
+    last = np.maximum.accumulate(np.where(is_reset, pos, -1)) if b.size else pos
+    prev = np.r_[-1, last[:-1]] if b.size else pos                  # last reset strictly before
+    safe = np.maximum(prev, 0)
+    counted = (prev >= 0) & (b == b[safe]) & (n - n[safe] <= window)
+    return _ratio(int((hit & counted).sum()), int(counted.sum()), return_counts)
+
+
+def offset_accuracy(logits: np.ndarray, batch) -> Tuple[np.ndarray, np.ndarray]:
+    """Un-pooled step accuracy by offset inside the element: (n_correct [J], n_total [J]) for
+    offsets j = 0 .. J-1 (j = 0 the token step, j >= 1 the j-th inserted blank or distractor)."""
+    logits, y, _ = _batch_arrays("offset_accuracy", logits, batch)
+    b, t, starts = element_groups(batch)
+    if starts.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    group = np.repeat(np.arange(starts.size), np.diff(np.r_[starts, b.size]))   # [N]
+    offset = np.arange(b.size) - starts[group]                      # [N]
+    hit = logits[b, t].argmax(axis=-1) == y[b, t]                   # [N]
+    total = np.bincount(offset)
+    return np.bincount(offset, weights=hit, minlength=total.size).astype(np.int64), total

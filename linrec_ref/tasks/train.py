@@ -124,13 +124,17 @@ def read_metrics(run_dir: Union[str, Path]) -> list:
 
 def _json_value(v):
     """NaN (an accuracy over no steps, e.g. after-distractor on a task without distractors) as
-    null, so that every line is strict JSON."""
+    null, inside lists and dicts too, so that every line is strict JSON."""
+    if isinstance(v, dict):
+        return {k: _json_value(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_json_value(x) for x in v]
     return None if isinstance(v, float) and math.isnan(v) else v
 
 
 def _write_metrics(path: Path, records: list) -> None:
     atomic_write(path, lambda f: f.writelines(
-        json.dumps({k: _json_value(v) for k, v in r.items()}, allow_nan=False) + "\n" for r in records))
+        json.dumps(_json_value(r), allow_nan=False) + "\n" for r in records))
 
 
 def prepare_run(model: ModelConfig, train: TrainConfig, out: Union[str, Path],
@@ -170,10 +174,16 @@ def train_batch(task: presets.TaskConfig, seed: int, step: int, batch_size: int)
 
 
 def evaluate(model: SelectivBenchModel, task: presets.TaskConfig, seed: int, n: int,
-             batch_size: int = 64) -> Dict[str, float]:
-    """Loss and accuracies on the first n items of the test split (summed exactly over batches)."""
+             batch_size: int = 64) -> Dict[str, object]:
+    """Loss and accuracies on the first n items of the test split (summed exactly over batches).
+
+    acc_pooled (the paper's), acc_step, acc_after_distractor, acc_after_reset (elements 1..5
+    after each "#") are floats (NaN where nothing counts); acc_by_offset is a list, the step
+    accuracy at offset j = 0, 1, ... inside an element (0: the token step, j: the j-th inserted
+    step)."""
     grammar = task.grammar(seed)
-    totals = {"pooled": [0, 0], "step": [0, 0], "after_distractor": [0, 0]}
+    totals = {"pooled": [0, 0], "step": [0, 0], "after_distractor": [0, 0], "after_reset": [0, 0]}
+    by_offset = [np.zeros(0, np.int64), np.zeros(0, np.int64)]
     loss_sum, loss_n = 0.0, 0
     for start in range(0, n, batch_size):
         items = range(start, min(n, start + batch_size))
@@ -184,13 +194,19 @@ def evaluate(model: SelectivBenchModel, task: presets.TaskConfig, seed: int, n: 
         loss_sum += ce.loss * ce.n
         loss_n += ce.n
         for name, fn in (("pooled", metrics.pooled_accuracy), ("step", metrics.step_accuracy),
-                         ("after_distractor", metrics.after_distractor_accuracy)):
+                         ("after_distractor", metrics.after_distractor_accuracy),
+                         ("after_reset", metrics.after_reset_accuracy)):
             good, total = fn(z, batch, return_counts=True)
             totals[name][0] += good
             totals[name][1] += total
+        for i, counts in enumerate(metrics.offset_accuracy(z, batch)):
+            size = max(by_offset[i].size, counts.size)
+            by_offset[i] = np.pad(by_offset[i], (0, size - by_offset[i].size)) + np.pad(counts, (0, size - counts.size))
     out = {"loss": loss_sum / loss_n}
     for name, (good, total) in totals.items():
         out[f"acc_{name}"] = good / total if total else float("nan")
+    right, total = by_offset
+    out["acc_by_offset"] = [float(r / t) for r, t in zip(right, total)]
     return out
 
 
@@ -336,7 +352,7 @@ def load_run(run_dir: Union[str, Path], backend: Optional[str] = None):
 
 
 class RunEvaluation(NamedTuple):
-    metrics: Dict[str, float]       # loss, acc_pooled, acc_step, acc_after_distractor
+    metrics: Dict[str, object]      # evaluate()'s: loss, acc_pooled, acc_step, ..., acc_by_offset
     task: presets.TaskConfig        # the task it was scored on
     baselines: dict                 # the n-gram and Bayes reference lines of that task
     model: ModelConfig
