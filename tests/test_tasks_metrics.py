@@ -220,7 +220,7 @@ def after_reset_slow(logits, batch, window):
     """Literally: per sample, walk the elements; count those 1..window elements after a '#'."""
     right = total = 0
     for b in range(logits.shape[0]):
-        labels, hits, last_reset = [], [], None
+        last_reset = None
         for n in np.unique(batch.element[b][batch.mask[b]]):
             steps = np.flatnonzero((batch.element[b] == n) & batch.mask[b])
             z = logits[b, steps]

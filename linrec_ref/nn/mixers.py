@@ -400,7 +400,7 @@ class Mamba2(Module):
 
     def backward(self, cache, dy):
         c = self.children
-        E, N, H, P = self.E, self.N, self.H, self.P
+        E, H, P = self.E, self.H, self.P
         B, T, _ = dy.shape
         grads = {}
 

@@ -8,6 +8,8 @@
     linrec selectivbench train --preset t1-small --model gdn [--d-model 64 --layers 4 --heads 2
                                --steps 2000 --lr 1e-3 --seed 1 ...] --out runs/   (resumes)
     linrec selectivbench eval RUN_DIR [--preset t4-small] [--gap 8] [--n 256]
+    linrec selectivbench sweep PLAN.toml --out runs/ [--workers N] [--scheduler ADDR] [--dry-run]
+    linrec selectivbench report runs/ --out results/ [--plans experiments/*.toml] [--no-plots]
 
 Every argument is checked before anything is printed or created: a bad one prints one line on
 stderr and exits with status 2.
@@ -214,9 +216,24 @@ def cmd_sweep(args) -> int:
         return 130
 
 
+def cmd_report(args) -> int:
+    from pathlib import Path
+    from . import report
+
+    def run(a):
+        summary = report.report(a.runs_dir, a.out, plots=not a.no_plots, plans=a.plans)
+        report.main_summary(summary, Path(a.out))
+        return 0
+    try:
+        return _guarded(run, args)
+    except ImportError as err:
+        print(f"linrec selectivbench: {err}", file=sys.stderr)
+        return 2
+
+
 def register(subparsers) -> None:
     """Adds ``selectivbench describe`` and ``selectivbench generate`` to the ``linrec`` command."""
-    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot, train, eval, sweep")
+    p = subparsers.add_parser("selectivbench", help="the SelectivBench tasks: describe, generate, plot, train, eval, sweep, report")
     sub = p.add_subparsers(dest="selectivbench_command", required=True)
 
     def common(q):
@@ -303,3 +320,11 @@ def register(subparsers) -> None:
     w.add_argument("--backend", default=None, choices=["auto", "numba", "numpy"])
     w.add_argument("--no-progress", action="store_true")
     w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="collect a sweep's runs into a CSV, figures and a results page")
+    r.add_argument("runs_dir", help="a sweep's --out folder (or one plan folder inside it)")
+    r.add_argument("--out", required=True, help="folder for runs.csv, evaluations.csv, *.png, results.md")
+    r.add_argument("--plans", nargs="*", default=[],
+                   help="plan files whose completeness the page lists (e.g. experiments/*.toml)")
+    r.add_argument("--no-plots", action="store_true", help="tables and page only (no matplotlib)")
+    r.set_defaults(func=cmd_report)

@@ -94,6 +94,7 @@ def run_one(out: str, plan: Plan, run: Run, threads: int, backend: Optional[str]
                  progress=False)
         final = next(r for r in reversed(tr.read_metrics(d))
                      if r["kind"] == "eval" and r["step"] == run.train.steps)
+        tr.baselines(d)                                  # the reference lines, cached for the report
         extra = []
         for ev in plan.evaluations:
             r = tr.evaluate_run(d, ev.preset, ev.gap, run.train.eval_samples, backend)
@@ -111,6 +112,44 @@ def run_one(out: str, plan: Plan, run: Run, threads: int, backend: Optional[str]
         _write_json(d / "error.json", {"error": f"{type(err).__name__}: {err}", "traceback": text,
                                        "seconds": seconds})
         return Outcome(run.name, "failed", seconds, f"{type(err).__name__}: {err}")
+
+
+RECORDS = ("config.json", "metrics.jsonl", "baselines.json", "checkpoint.npz")
+
+
+def reuse(out: Union[str, Path], plan: Plan, run: Run) -> Optional[Path]:
+    """Copy a finished run of the same configuration from another plan folder of `out` (plans
+    share runs: gated_delta_net on t1-small at amb 12 is in four of them) instead of training it
+    again. Only when this plan's extra evaluations are among that run's. Returns the source."""
+    import shutil
+    from .train import read_config
+    want = {(e.preset, e.gap) for e in plan.evaluations}
+    dest = run_dir(out, plan, run)
+    if dest.exists() and any(dest.iterdir()):
+        return None                             # started here: it resumes here
+    for src in sorted(Path(out).glob(f"*/{run.name}/done.json")):
+        folder = src.parent
+        if folder.parent.name == plan.name or not (folder / "config.json").exists():
+            continue
+        if read_config(folder) != (run.model, run.train):
+            continue
+        done = json.loads(src.read_text())
+        if not want <= {(e["preset"], e["gap"]) for e in done.get("evaluations", [])}:
+            continue
+        tmp = dest.with_name(f".{dest.name}.copy")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for name in RECORDS:
+            if (folder / name).exists():
+                shutil.copy2(folder / name, tmp / name)
+        done["copied_from"] = f"{folder.parent.name}/{folder.name}"
+        done["evaluations"] = [e for e in done.get("evaluations", []) if (e["preset"], e["gap"]) in want]
+        _write_json(tmp / "done.json", done)
+        if dest.exists():                       # an empty folder left by an earlier attempt
+            dest.rmdir()
+        os.replace(tmp, dest)
+        return folder
+    return None
 
 
 def _set_threads(threads: int) -> None:
@@ -163,11 +202,17 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
         k = min(k, cores)
     per_run = threads or (1 if scheduler else max(1, cores // k))
     table = plan_table(plan, out, per_run)
+    reused = 0
+    if not dry_run:
+        for r, row in zip(plan.runs, table):
+            if row["status"] == "new" and reuse(out, plan, r):
+                row["status"] = "done"
+                reused += 1
     todo = [r for r, row in zip(plan.runs, table) if row["status"] != "done"]
     if dry_run:
         _print_dry_run(plan, table, k, per_run)
-        return {"done": 0, "failed": 0, "skipped": len(table) - len(todo)}
-    counts = {"done": 0, "failed": 0, "skipped": len(table) - len(todo)}
+        return {"done": 0, "failed": 0, "skipped": len(table) - len(todo), "reused": 0}
+    counts = {"done": 0, "failed": 0, "skipped": len(table) - len(todo) - reused, "reused": reused}
     if not todo:
         print(f"sweep {plan.name}: all {len(table)} runs already done in {Path(out) / plan.name}")
         return counts
@@ -192,9 +237,11 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
         futures = [client.submit(run_one, str(out), plan, r, per_run, backend, key=f"{plan.name}/{r.name}",
                                  pure=False) for r in todo]
         bar = _bar(progress, len(todo), plan.name)
+        t0, run_seconds = time.perf_counter(), 0.0
         for fut in as_completed(futures):
             o: Outcome = fut.result()
             counts[o.status] += 1
+            run_seconds += o.seconds
             if o.status == "failed":
                 print(f"  failed: {o.name}: {o.error}", file=sys.stderr, flush=True)
             if bar is not None:
@@ -203,13 +250,27 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
                                 running=min(k, len(todo) - counts["done"] - counts["failed"]))
         if bar is not None:
             bar.close()
+        _log_sweep(Path(out) / plan.name, plan, k, per_run, counts, time.perf_counter() - t0, run_seconds)
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
     print(f"sweep {plan.name}: {counts['done']} done, {counts['failed']} failed, "
-          f"{counts['skipped']} skipped (already done)")
+          f"{counts['skipped']} skipped (already done), {counts['reused']} copied from other plans")
     return counts
+
+
+def _log_sweep(folder: Path, plan: Plan, workers: int, threads: int, counts: Dict[str, int],
+               wall: float, run_seconds: float) -> None:
+    """Append this sweep's record to folder/sweeps.jsonl (wall time against the sum of its runs'
+    times: the Dask overhead the report shows)."""
+    from .report import _versions
+    path = folder / "sweeps.jsonl"
+    old = path.read_text() if path.exists() else ""
+    entry = {"plan": plan.name, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "workers": workers,
+             "threads": threads, **counts, "wall_seconds": wall, "run_seconds": run_seconds,
+             "versions": _versions()}
+    atomic_write(path, lambda f: f.write(old + json.dumps(entry) + "\n"))
 
 
 def _bar(progress: bool, total: int, desc: str):
