@@ -171,7 +171,11 @@ def _set_threads(threads: int) -> None:
 # and unmapped again, its pages faulted in afresh each time: a 40-step gated_delta_net run took
 # 35 s in a worker (as much system time as user time; strace: 55k munmap) against 10.4 s in a
 # plain process. None unsets the variable (Dask's documented way to drop a default).
-WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# Runs last minutes: the scheduler hands a worker its next run only when it is free
+# (saturation 1.0: one task per worker thread), so no run waits behind another on a busy worker
+# and the scheduler's "processing" count is the runs executing.
+WORKER_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+                 "distributed.scheduler.worker-saturation": 1.0}
 
 
 def thread_env(threads: int) -> Dict[str, str]:
@@ -246,8 +250,7 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
                 print(f"  failed: {o.name}: {o.error}", file=sys.stderr, flush=True)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(done=counts["done"], failed=counts["failed"],
-                                running=min(k, len(todo) - counts["done"] - counts["failed"]))
+                bar.set_postfix(done=counts["done"], failed=counts["failed"], running=_running(client))
         if bar is not None:
             bar.close()
         _log_sweep(Path(out) / plan.name, plan, k, per_run, counts, time.perf_counter() - t0, run_seconds)
@@ -258,6 +261,14 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
     print(f"sweep {plan.name}: {counts['done']} done, {counts['failed']} failed, "
           f"{counts['skipped']} skipped (already done), {counts['reused']} copied from other plans")
     return counts
+
+
+def _running(client) -> int:
+    """Tasks the workers are executing now (the scheduler's count)."""
+    try:
+        return sum(len(v) for v in client.processing().values())
+    except Exception:                    # a scheduler that does not answer: no count, no failure
+        return -1
 
 
 def _log_sweep(folder: Path, plan: Plan, workers: int, threads: int, counts: Dict[str, int],
