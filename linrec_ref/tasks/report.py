@@ -507,14 +507,14 @@ def figures(records: Sequence[RunRecord], out: Path) -> List[str]:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         for ax, key, title in ((axes[0], "acc_pooled", "pooled accuracy"),
                                (axes[1], "acc_after_reset", "accuracy on the 5 elements after each #")):
-            for i, (m, v) in enumerate(variants):
+            for i, (m, v) in enumerate(variants):      # a dot per seed, a bar at the mean
                 s = metric(select(rs, model=m, variant=v), key)
-                ax.bar(i, s.mean, color=_color(m), alpha=0.7 if not v else 0.35)
-                ax.plot([i] * s.n, s.values, "k.", ms=5)
+                ax.plot([i] * s.n, s.values, "o", color=_color(m), alpha=0.6, ms=5,
+                        mfc="none" if v else _color(m))
+                ax.hlines(s.mean, i - 0.3, i + 0.3, color=_color(m), lw=2)
             labels = [m.replace("gated_delta_net", "gdn") + (f"\n{v}" if v else "") for m, v in variants]
             ax.set_xticks(range(len(variants)), labels, fontsize=7)
-            lo = min((min(metric(select(rs, model=m, variant=v), key).values, default=1) for m, v in variants))
-            ax.set(title=f"t1-small amb 12: {title}", ylim=(max(0, lo - 0.05), 1.005))
+            ax.set(title=f"t1-small amb 12: {title}", ylabel="test accuracy (mean: bar, seeds: dots)")
         finish(fig, list(axes), "forgetting.png")
 
     # recall across a gap (t2-small: step accuracy by offset) and after distractors (t3-small)
