@@ -83,6 +83,8 @@ def test_a_killed_sweep_resumes_without_repeating_finished_runs(killed_and_resum
 def test_a_run_finished_in_another_plan_is_copied_not_retrained(killed_and_resumed, tmp_path):
     _, out, _, _ = killed_and_resumed
     other = _write(tmp_path, PLAN.replace('name = "tiny"', 'name = "tiny_again"').split("[[evaluate]]")[0])
+    dry = sweep.sweep(other, out, workers=1, dry_run=True)
+    assert dry["reused"] == 0 and dry["skipped"] == 0 and not (out / "tiny_again").exists()
     counts = sweep.sweep(other, out, workers=1, progress=False)     # no cluster needed: nothing to train
     assert counts == {"done": 0, "failed": 0, "skipped": 0, "reused": 4}
     for name, text in _done(out).items():

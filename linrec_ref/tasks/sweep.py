@@ -117,11 +117,11 @@ def run_one(out: str, plan: Plan, run: Run, threads: int, backend: Optional[str]
 RECORDS = ("config.json", "metrics.jsonl", "baselines.json", "checkpoint.npz")
 
 
-def reuse(out: Union[str, Path], plan: Plan, run: Run) -> Optional[Path]:
-    """Copy a finished run of the same configuration from another plan folder of `out` (plans
-    share runs: gated_delta_net on t1-small at amb 12 is in four of them) instead of training it
-    again. Only when this plan's extra evaluations are among that run's. Returns the source."""
-    import shutil
+def reusable(out: Union[str, Path], plan: Plan, run: Run) -> Optional[Path]:
+    """A finished run of the same configuration in another plan folder of `out` that this plan
+    can copy instead of training (plans share runs: gated_delta_net on t1-small at amb 12 is in
+    four of them): one that has every extra evaluation this plan asks for, while this plan's own
+    folder for the run is absent or empty. None when there is none."""
     from .train import read_config
     want = {(e.preset, e.gap) for e in plan.evaluations}
     dest = run_dir(out, plan, run)
@@ -134,22 +134,34 @@ def reuse(out: Union[str, Path], plan: Plan, run: Run) -> Optional[Path]:
         if read_config(folder) != (run.model, run.train):
             continue
         done = json.loads(src.read_text())
-        if not want <= {(e["preset"], e["gap"]) for e in done.get("evaluations", [])}:
-            continue
-        tmp = dest.with_name(f".{dest.name}.copy")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for name in RECORDS:
-            if (folder / name).exists():
-                shutil.copy2(folder / name, tmp / name)
-        done["copied_from"] = f"{folder.parent.name}/{folder.name}"
-        done["evaluations"] = [e for e in done.get("evaluations", []) if (e["preset"], e["gap"]) in want]
-        _write_json(tmp / "done.json", done)
-        if dest.exists():                       # an empty folder left by an earlier attempt
-            dest.rmdir()
-        os.replace(tmp, dest)
-        return folder
+        if want <= {(e["preset"], e["gap"]) for e in done.get("evaluations", [])}:
+            return folder
     return None
+
+
+def reuse(out: Union[str, Path], plan: Plan, run: Run) -> Optional[Path]:
+    """Copy the ``reusable`` run's records and checkpoint into this plan's folder (done.json
+    says ``copied_from``, and keeps the evaluations this plan asks for); returns the source."""
+    import shutil
+    folder = reusable(out, plan, run)
+    if folder is None:
+        return None
+    want = {(e.preset, e.gap) for e in plan.evaluations}
+    done = json.loads((folder / "done.json").read_text())
+    dest = run_dir(out, plan, run)
+    tmp = dest.with_name(f".{dest.name}.copy")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in RECORDS:
+        if (folder / name).exists():
+            shutil.copy2(folder / name, tmp / name)
+    done["copied_from"] = f"{folder.parent.name}/{folder.name}"
+    done["evaluations"] = [e for e in done.get("evaluations", []) if (e["preset"], e["gap"]) in want]
+    _write_json(tmp / "done.json", done)
+    if dest.exists():                           # an empty folder left by an earlier attempt
+        dest.rmdir()
+    os.replace(tmp, dest)
+    return folder
 
 
 def _set_threads(threads: int) -> None:
@@ -207,15 +219,14 @@ def sweep(plan: Union[str, Path, Plan], out: Union[str, Path], *, workers: Optio
     per_run = threads or (1 if scheduler else max(1, cores // k))
     table = plan_table(plan, out, per_run)
     reused = 0
-    if not dry_run:
-        for r, row in zip(plan.runs, table):
-            if row["status"] == "new" and reuse(out, plan, r):
-                row["status"] = "done"
-                reused += 1
-    todo = [r for r, row in zip(plan.runs, table) if row["status"] != "done"]
+    for r, row in zip(plan.runs, table):
+        if row["status"] == "new" and (reusable if dry_run else reuse)(out, plan, r):
+            row["status"] = "copy" if dry_run else "done"
+            reused += 1
+    todo = [r for r, row in zip(plan.runs, table) if row["status"] not in ("done", "copy")]
     if dry_run:
         _print_dry_run(plan, table, k, per_run)
-        return {"done": 0, "failed": 0, "skipped": len(table) - len(todo), "reused": 0}
+        return {"done": 0, "failed": 0, "skipped": len(table) - len(todo) - reused, "reused": 0}
     counts = {"done": 0, "failed": 0, "skipped": len(table) - len(todo) - reused, "reused": reused}
     if not todo:
         print(f"sweep {plan.name}: all {len(table)} runs already done in {Path(out) / plan.name}")
@@ -299,9 +310,11 @@ def _print_dry_run(plan: Plan, table: List[Dict], workers: int, threads: int) ->
     width = max(len(r["run"]) for r in table)
     for r in table:
         print(f"  {r['run']:<{width}}  {r['status']:<8} ~{r['estimate_s'] / 60:5.1f} min")
-    todo = [r["estimate_s"] for r in table if r["status"] != "done"]
+    todo = [r["estimate_s"] for r in table if r["status"] not in ("done", "copy")]
     total = sum(todo)
-    print(f"{len(table)} runs, {len(todo)} to do; estimated {total / 3600:.2f} h of run time, "
+    copies = sum(r["status"] == "copy" for r in table)
+    copied = f" ({copies} more copied from other plans)" if copies else ""
+    print(f"{len(table)} runs, {len(todo)} to do{copied}; estimated {total / 3600:.2f} h of run time, "
           f"~{total / workers / 3600:.2f} h on {workers} workers x {threads} threads "
           "(from the measured step times; a rough guide)")
     for ev in plan.evaluations:
