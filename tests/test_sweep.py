@@ -188,3 +188,13 @@ def _write(tmp_path, text):
     path = tmp_path / "tiny.toml"
     path.write_text(text)
     return path
+
+
+def test_the_same_plan_runs_on_an_existing_cluster(tmp_path):
+    """--scheduler ADDRESS: the plan goes to that cluster's workers, unchanged."""
+    from dask.distributed import LocalCluster
+    plan = _write(tmp_path, PLAN.replace('model = ["gated_delta_net", "mamba2"]', 'model = "mamba2"'))
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        counts = sweep.sweep(plan, tmp_path / "runs", scheduler=cluster.scheduler_address, progress=False)
+    assert counts == {"done": 2, "failed": 0, "skipped": 0, "reused": 0}
+    assert len(list((tmp_path / "runs" / "tiny").glob("*/done.json"))) == 2
