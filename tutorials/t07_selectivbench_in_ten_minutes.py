@@ -21,8 +21,6 @@ letters inserted after each letter) tests whether the model can hold that state 
 import os
 import tempfile
 
-import numpy as np
-
 from linrec_ref.tasks import baselines, plot, presets
 from linrec_ref.tasks import train as tr
 from linrec_ref.tasks.model import ModelConfig
