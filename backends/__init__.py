@@ -111,4 +111,6 @@ def resolved_name(name: Optional[str] = None) -> str:
 
 
 def available() -> tuple:
+    """The names of the registered backends, sorted ("auto" and "numpy" always; "numba" once
+    registered)."""
     return tuple(sorted(_BACKENDS))

@@ -46,8 +46,19 @@ def get_backend() -> str:
 FORMS = ("recurrent", "parallel", "chunkwise")
 
 
+class _OpDoc:
+    """``Op.__doc__``: the class's own text on the class, the op module's docstring (recurrence,
+    glossary, forms, peers) on an instance, so that ``help(linrec_ref.gla)`` shows the math."""
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __get__(self, instance, owner):
+        return self.text if instance is None else instance._module_doc()
+
+
 class Op:
-    """Top-level entry point of one op with a backend dispatch point.
+    __doc__ = _OpDoc("""Top-level entry point of one op with a backend dispatch point.
 
     op(*inputs, form="chunkwise", backend=None, **kwargs)      -> (o, final_state or None)
     op.vjp(*inputs, do, form="chunkwise", backend=None, ...)   -> {input: gradient}
@@ -57,7 +68,7 @@ class Op:
     installed, else the NumPy reference) unless ``set_backend`` chose another; "numpy" is the
     reference itself. See ``linrec_ref.backends``. The numba backend also takes num_threads=n.
     The keyword arguments are those of the form (see ``linrec_ref.ops.<name>``).
-    """
+    """)
 
     def __init__(self, name: str):
         self.name = name
@@ -70,12 +81,11 @@ class Op:
     def module(self):
         return registry.module(self.name)
 
-    @property
-    def __doc__(self):  # the op module's docstring: recurrence, glossary, forms, peers
+    def _module_doc(self):  # the op module's docstring: recurrence, glossary, forms, peers
         try:
             return self.module.__doc__
         except ImportError:  # pragma: no cover
-            return Op.__doc__
+            return type(self).__doc__
 
     def _resolve(self, form: str, backend: Optional[str]):
         from . import backends

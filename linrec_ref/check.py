@@ -82,6 +82,8 @@ def compiled(op: str, form: str, backend: str) -> bool:
 # ------------------------------------------------------------------------------ checks
 def check_forward(op, variant="default", regime="typical", dtype=np.float64, T=16,
                   chunk_sizes=QUICK_CHUNKS, seed=0, initial_state=True, backend="numpy") -> List[CheckRow]:
+    """Rows of the forward matrix for one op, variant, regime and dtype: every form, the step loop,
+    split-and-carry and varlen against the recurrent loop."""
     dt = np.dtype(dtype)
     x = testing.make_inputs(op, regime, dtype=dt, seed=seed, variant=variant,
                             initial_state=initial_state, T=T)
@@ -123,6 +125,8 @@ def check_forward(op, variant="default", regime="typical", dtype=np.float64, T=1
 def check_backward(op, variant="default", regime="typical", dtype=np.float64, T=16,
                    chunk_sizes=(3, 10**6), seed=0, fd=True, initial_state=True,
                    backend="numpy") -> List[CheckRow]:
+    """Rows of the backward matrix: every form's vjp against the recurrent vjp, and against finite
+    differences (fd=True)."""
     spec = registry.spec(op)
     dt = np.dtype(dtype)
     rng = np.random.default_rng(seed + 1000)

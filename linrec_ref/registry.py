@@ -37,10 +37,12 @@ def available() -> tuple:
 
 
 def spec(name: str) -> OpSpec:
+    """The OpSpec of op ``name`` (arguments, shapes, state, options, peers, regimes)."""
     return module(name).SPEC
 
 
 def all_specs() -> Dict[str, OpSpec]:
+    """{op name: OpSpec} for every op of the catalogue."""
     return {name: spec(name) for name in available()}
 
 

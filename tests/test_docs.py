@@ -7,7 +7,7 @@
 - every Python block of README.md runs as written, in order, in one namespace;
 - docs/ops.md is exactly what `linrec ops --markdown` prints;
 - the tolerance table and the input regimes of docs/numerics.md are the ones in the code;
-- mkdocs.yml lists every page of docs/ and only those, and local links resolve.
+- the site's toctree (docs/index.md) lists every page of docs/, and local links resolve.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
-CODE_DIRS = ("linrec_ref", "backends", "bench", "tests")
+CODE_DIRS = ("linrec_ref", "backends", "bench", "tests", "tutorials", "docs")
 MARKDOWN = [ROOT / "README.md", *sorted(DOCS.glob("*.md")), *sorted((ROOT / "bench").glob("*.md"))]
 
 
@@ -33,7 +33,8 @@ def project_files() -> List[Path]:
     (not this file, whose checks of the checker cite pages that do not exist on purpose)."""
     files = list(MARKDOWN)
     for d in CODE_DIRS:
-        files += sorted(p for p in (ROOT / d).rglob("*.py") if "__pycache__" not in p.parts)
+        files += sorted(p for p in (ROOT / d).rglob("*.py")
+                        if not {"__pycache__", "generated", "_build"} & set(p.parts))
     return [p for p in files if p != Path(__file__).resolve()]
 
 
@@ -168,7 +169,7 @@ def test_every_markdown_file_named_exists():
 
 # Reports that `python -m bench cpu` writes into bench/results/ (git-ignored) and the report page: named by the docs
 # before any run has made them.
-GENERATED_REPORTS = {"cpu.md", "results.md"}      # and what `linrec selectivbench report` writes
+GENERATED_REPORTS = {"cpu.md", "results.md", "cli.md"}   # and the report page, the docs build's CLI page
 
 
 def _generated(name: str) -> bool:
@@ -176,10 +177,17 @@ def _generated(name: str) -> bool:
 
 
 def test_nothing_cites_a_path_outside_the_project():
-    outside = re.compile(r"\.\./[\w.-]|\b" + "shared" + "/")     # split so this file does not match itself
+    shared = re.compile(r"\b" + "shared" + "/")                  # split so this file does not match itself
+    relative = re.compile(r"(?:\.\./)+[\w.-][\w./-]*")
+
+    def outside(path, line):
+        if shared.search(line):
+            return True
+        return any(ROOT not in (path.parent / m).resolve().parents for m in relative.findall(line))
+
     bad = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
-           for p in project_files() + [Path(__file__).resolve(), ROOT / "mkdocs.yml", ROOT / "pyproject.toml"]
-           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if outside.search(line)]
+           for p in project_files() + [Path(__file__).resolve(), ROOT / "pyproject.toml"]
+           for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if outside(p, line)]
     assert not bad, "paths outside the project (they do not exist in a clone or a wheel):\n" + "\n".join(bad)
 
 
@@ -195,10 +203,18 @@ def test_local_links_in_markdown_resolve():
     assert not bad, "broken links:\n" + "\n".join(bad)
 
 
-def test_mkdocs_nav_lists_every_page_of_docs():
-    nav = re.findall(r":\s*([\w./-]+\.md)\s*$", (ROOT / "mkdocs.yml").read_text(encoding="utf-8"), re.MULTILINE)
-    pages = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*.md"))
-    assert sorted(nav) == pages, f"mkdocs.yml nav {sorted(nav)} != pages in docs/ {pages}"
+def test_the_site_lists_every_page_of_docs():
+    """index.md's toctree (the Sphinx site's navigation) names every Markdown page of docs/."""
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    block = re.search(r"```\{toctree\}(.*?)```", text, re.DOTALL)
+    assert block, "docs/index.md has no toctree"
+    listed = {line.strip() for line in block.group(1).splitlines()
+              if line.strip() and not line.strip().startswith(":")}
+    pages = {str(p.relative_to(DOCS).with_suffix("")) for p in DOCS.rglob("*.md")
+             if "generated" not in p.parts and "_build" not in p.parts and p.name != "index.md"}
+    assert pages <= listed, f"pages missing from the toctree of docs/index.md: {sorted(pages - listed)}"
+    generated = {"generated/ops/index", "generated/tutorials/index", "generated/api/index", "generated/cli"}
+    assert listed - pages == generated, sorted(listed - pages)
 
 
 # ------------------------------------------------------------------ README code runs as written

@@ -72,6 +72,7 @@ _CORES: Optional[Dict[str, Dict[str, Callable]]] = None
 
 
 def cores() -> Dict[str, Dict[str, Callable]]:
+    """{op: {form: compiled core}} of every kernel module (imported once, on first use)."""
     global _CORES
     if _CORES is None:
         _CORES = _kernel_modules()

@@ -105,6 +105,7 @@ def gated_rms_norm(o, z, w, eps: float = 1e-6):
 
 
 def gated_rms_norm_vjp(cache, dy):
+    """Backward of ``gated_rms_norm``: {"o", "z", "w"} cotangents from its cache and dy."""
     nc, sc, n, s = cache
     dn = rms_norm_vjp(nc, dy * s)
     return {"o": dn["x"], "z": silu_vjp(sc, dy * n)["x"], "w": dn["w"]}
@@ -116,6 +117,7 @@ def l2_norm(x):
 
 
 def l2_norm_vjp(x, dy):
+    """Backward of ``l2_norm``: {"x": dx} (with n = sqrt(|x|^2 + 1e-6), dx = (dy - y (y . dy)) / n)."""
     return {"x": _l2norm_vjp(x, dy)}
 
 
@@ -139,6 +141,7 @@ def sigmoid_(x):
 
 
 def sigmoid_vjp(s, dy):
+    """Backward of ``sigmoid_`` from its output s: {"x": dy s (1 - s)}."""
     return {"x": dy * s * (1 - s)}
 
 
@@ -210,6 +213,7 @@ def dropout(x, p: float, rng: Optional[np.random.Generator]):
 
 
 def dropout_vjp(keep, dy):
+    """Backward of ``dropout``: {"x": dy times the same scaled keep mask} (dy itself without one)."""
     return {"x": dy if keep is None else dy * keep}
 
 
@@ -252,6 +256,7 @@ def swiglu(x, W1, W3, W2):
 
 
 def swiglu_vjp(cache, dy):
+    """Backward of ``swiglu``: {"x", "W1", "W3", "W2"} cotangents from its cache and dy."""
     ca, cc, cs, cy, s, c = cache
     dh = linear_vjp(cy, dy)
     da = silu_vjp(cs, dh["x"] * c)["x"]

@@ -34,6 +34,7 @@ EVAL = Context(False, None)
 
 
 def uniform(rng: np.random.Generator, shape, bound: float, dtype) -> np.ndarray:
+    """U(-bound, bound) of the given shape, cast to dtype (the layers' initialisation)."""
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
@@ -93,6 +94,7 @@ class Linear(Module):
 
 
 class LayerNorm(Module):
+    """LayerNorm over the last axis (D features), with weight and bias; hand-written backward."""
     def __init__(self, D: int, dtype=np.float32, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
@@ -164,6 +166,7 @@ class ShortConv(Module):
 
 
 class Dropout(Module):
+    """Dropout with probability p while training (Context.train), the identity in evaluation."""
     def __init__(self, p: float):
         super().__init__()
         if not 0 <= p < 1:

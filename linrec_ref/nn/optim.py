@@ -22,6 +22,7 @@ Params = Dict[str, np.ndarray]
 
 
 def global_norm(grads: Params) -> float:
+    """sqrt(sum of squares) over every gradient array (for clipping)."""
     return math.sqrt(sum(float(np.vdot(g, g)) for g in grads.values()))
 
 

@@ -48,6 +48,8 @@ def string_stats(grammar, config, seed: int, n_strings: int = 2000) -> dict:
 
 
 def cmd_describe(args) -> int:
+    """``linrec selectivbench describe``: grammar statistics, lengths and the reference lines of a
+    task."""
     return _guarded(_describe, args)
 
 
@@ -94,6 +96,7 @@ def _describe(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    """``linrec selectivbench generate``: write a split of a task to disk in shards (resumable)."""
     return _guarded(_generate, args)
 
 
@@ -106,6 +109,7 @@ def _generate(args) -> int:
 
 
 def cmd_plot(args) -> int:
+    """``linrec selectivbench plot``: a picture of the grammar and of one sample."""
     return _guarded(_plot, args)
 
 
@@ -151,6 +155,7 @@ def _model_and_train_config(args):
 
 
 def cmd_train(args) -> int:
+    """``linrec selectivbench train``: train (or resume) one run folder."""
     from . import train as tr
     try:
         mc, tc = _model_and_train_config(args)
@@ -188,6 +193,7 @@ def _print_eval(run_dir, preset, gap, n, backend) -> None:
 
 
 def cmd_eval(args) -> int:
+    """``linrec selectivbench eval``: score a run's checkpoint, next to the reference lines."""
     def run(a):
         if a.n < 1:
             raise ValueError(f"eval: --n must be an integer >= 1, got {a.n}")
@@ -199,6 +205,8 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    """``linrec selectivbench sweep``: run an experiment plan on Dask (exit 1 if a run failed, 130
+    on Ctrl-C)."""
     from . import sweep
 
     def run(a):
@@ -217,6 +225,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
+    """``linrec selectivbench report``: the CSV, figures and results page of a sweep's runs."""
     from pathlib import Path
     from . import report
 

@@ -81,6 +81,8 @@ def validate_model_config(c: ModelConfig) -> ModelConfig:
 
 
 def make_mixer(c: ModelConfig, rng: np.random.Generator, backend: Optional[str]) -> Module:
+    """The sequence mixer of one block for ModelConfig c (initialised from rng; backend for the
+    ops)."""
     dtype = np.dtype(c.dtype)
     D, H = c.d_model, c.n_heads
     if c.model == "transformer":

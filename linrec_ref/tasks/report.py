@@ -139,6 +139,7 @@ def n_params(rec: RunRecord) -> int:
 
 
 def run_rows(records: Sequence[RunRecord]) -> List[dict]:
+    """One dict per run: the columns of runs.csv (RUN_COLUMNS)."""
     rows, sizes = [], {}
     for r in records:
         size_key = (r.model.to_dict().__repr__(), r.train.preset, r.train.task().n_amb)
@@ -154,6 +155,7 @@ def run_rows(records: Sequence[RunRecord]) -> List[dict]:
 
 
 def eval_rows(records: Sequence[RunRecord]) -> List[dict]:
+    """One dict per extra evaluation of a run: the columns of evaluations.csv (EVAL_COLUMNS)."""
     rows = []
     for r in records:
         for ev in r.evaluations:
@@ -167,6 +169,8 @@ def eval_rows(records: Sequence[RunRecord]) -> List[dict]:
 
 
 def csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
+    """The rows as CSV text with the given columns (NaN and None as empty cells, lists
+    space-separated)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(columns)
@@ -203,6 +207,7 @@ class Stat:
 
 
 def stat(values) -> Stat:
+    """A Stat of the finite values (None and NaN dropped)."""
     return Stat(tuple(float(v) for v in values if v is not None and not math.isnan(float(v))))
 
 
@@ -232,10 +237,12 @@ def select(records: Sequence[RunRecord], **where) -> List[RunRecord]:
 
 
 def metric(records: Sequence[RunRecord], key: str) -> Stat:
+    """The Stat over runs of one final metric (e.g. "acc_pooled")."""
     return stat(r.final.get(key) for r in records)
 
 
 def eval_metric(records: Sequence[RunRecord], preset: str, gap: int, key: str = "acc_pooled") -> Stat:
+    """The Stat over runs of one metric of their extra evaluation on (preset, gap)."""
     return stat(ev.get(key) for r in records for ev in r.evaluations
                 if ev.get("preset") == preset and ev.get("gap") == gap)
 
@@ -591,6 +598,8 @@ def _sweep_log(runs_dir: Path) -> List[dict]:
 
 
 def page(records, duplicates, claim_list, written, runs_dir: Path, plans: Sequence = ()) -> str:
+    """The results page (Markdown): header, plans, sweeps, verdicts, one section per claim, every
+    cell."""
     lines = ["# SelectivBench at CPU scale: do the paper's claims reproduce?", ""]
     hours = sum(r.seconds for r in records if not math.isnan(r.seconds)) / 3600
     lines += [f"Made by `linrec selectivbench report {runs_dir} --out <this folder>` from "
@@ -685,6 +694,7 @@ def report(runs_dir: Union[str, Path], out: Union[str, Path], *, plots: bool = T
 
 
 def main_summary(summary: dict, out: Path, file=sys.stdout) -> None:
+    """Print what ``report`` wrote and each claim's verdict."""
     print(f"report: {summary['runs']} runs -> {out / 'runs.csv'}, {out / 'evaluations.csv'}, "
           f"{len(summary['figures'])} figures, {out / 'results.md'}", file=file)
     for key, verdict in summary["claims"].items():

@@ -42,6 +42,7 @@ def _write_json(path: Path, obj) -> None:
 
 
 def run_dir(out: Union[str, Path], plan: Plan, run: Run) -> Path:
+    """The folder of one run of a plan: out/<plan name>/<run name>."""
     return Path(out) / plan.name / run.name
 
 
@@ -199,6 +200,7 @@ def thread_env(threads: int) -> Dict[str, str]:
 
 
 def plan_table(plan: Plan, out: Union[str, Path], threads: int) -> List[Dict]:
+    """[{run, status, estimate_s}] for every run of the plan (status as ``status``)."""
     return [{"run": r.name, "status": status(out, plan, r), "estimate_s": estimate_seconds(r, threads)}
             for r in plan.runs]
 

@@ -74,6 +74,7 @@ def _int_at_least(name, value, low):
 
 
 def validate_train_config(c: TrainConfig) -> TrainConfig:
+    """c if valid, else a ValueError naming the field (unknown preset, bad amb, steps < 1, ...)."""
     c.task()                                              # unknown preset, bad amb: ValueError
     presets.check_seed("train config", c.seed)
     for name in ("steps", "batch_size", "eval_every", "eval_samples", "log_every", "checkpoint_every"):
@@ -102,6 +103,7 @@ def atomic_write(path: Path, write, mode: str = "w") -> None:
 
 
 def run_name(model: ModelConfig, train: TrainConfig) -> str:
+    """The run folder's default name: <preset>-amb<A>-<model>-d<D>-l<L>-s<seed>."""
     amb = train.task().n_amb
     return f"{train.preset}-amb{amb}-{model.model}-d{model.d_model}-l{model.n_layers}-s{train.seed}"
 
@@ -111,11 +113,13 @@ def _config_record(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 def read_config(run_dir: Union[str, Path]):
+    """(ModelConfig, TrainConfig) from a run folder's config.json."""
     d = json.loads((Path(run_dir) / "config.json").read_text())
     return ModelConfig(**d["model"]), TrainConfig(**d["train"])
 
 
 def read_metrics(run_dir: Union[str, Path]) -> list:
+    """The records of a run folder's metrics.jsonl ([] when there is none)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
@@ -212,6 +216,7 @@ def evaluate(model: SelectivBenchModel, task: presets.TaskConfig, seed: int, n: 
 
 # ------------------------------------------------------------------------------ checkpoints
 def save_checkpoint(run_dir: Path, model, opt: optim.Adam, step: int) -> None:
+    """Write the weights, Adam's state and the step to run_dir/checkpoint.npz (atomically)."""
     arrays = {"step": np.array(step)}
     arrays.update({"param." + k: v for k, v in model.parameters().items()})
     arrays.update({"adam." + k: v for k, v in opt.state().items()})
@@ -219,6 +224,7 @@ def save_checkpoint(run_dir: Path, model, opt: optim.Adam, step: int) -> None:
 
 
 def load_checkpoint(run_dir: Path, model, opt: Optional[optim.Adam] = None) -> int:
+    """Load run_dir/checkpoint.npz into the model (and the optimiser); returns its step."""
     with np.load(run_dir / "checkpoint.npz") as z:
         model.load({k[6:]: z[k] for k in z.files if k.startswith("param.")})
         if opt is not None:
@@ -227,6 +233,7 @@ def load_checkpoint(run_dir: Path, model, opt: Optional[optim.Adam] = None) -> i
 
 
 def build_model(model: ModelConfig, train: TrainConfig, backend: Optional[str] = None):
+    """(SelectivBenchModel initialised from the seed, TaskConfig) of a run's configuration."""
     task = train.task()
     g = task.grammar(train.seed)
     return SelectivBenchModel(model, g.n_input_classes, g.n_classes, train.seed, backend), task
