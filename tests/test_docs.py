@@ -198,7 +198,9 @@ def test_local_links_in_markdown_resolve():
     bad = []
     for page in MARKDOWN:
         for target in LOCAL_LINK.findall(page.read_text(encoding="utf-8")):
-            if "://" not in target and not target.startswith("mailto:") and not (page.parent / target).exists():
+            built = page.parent == DOCS and target.startswith("generated/")   # made by the docs build
+            if "://" not in target and not target.startswith("mailto:") and not built \
+                    and not (page.parent / target).exists():
                 bad.append(f"{page.relative_to(ROOT)}: ({target})")
     assert not bad, "broken links:\n" + "\n".join(bad)
 
