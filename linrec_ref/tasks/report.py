@@ -597,6 +597,43 @@ def _sweep_log(runs_dir: Path) -> List[dict]:
     return out
 
 
+def plan_progress(plan, runs_dir: Path) -> dict:
+    """Of one plan under runs_dir: runs done (trained here), copied from another plan, to do;
+    the measured hours of the runs trained here, the estimated hours of those left (1 thread)."""
+    from .sweep import estimate_seconds
+    trained, copied, todo, hours, left = 0, 0, 0, 0.0, 0.0
+    for run in plan.runs:
+        done = runs_dir / plan.name / run.name / "done.json"
+        if done.exists():
+            d = json.loads(done.read_text())
+            if "copied_from" in d:
+                copied += 1
+            else:
+                trained += 1
+                hours += float(d.get("seconds", 0.0)) / 3600
+        else:
+            todo += 1
+            left += estimate_seconds(run, 1) / 3600
+    return {"trained": trained, "copied": copied, "todo": todo, "hours": hours, "left_hours": left}
+
+
+def plan_table_lines(plans, runs_dir: Path) -> List[str]:
+    lines = ["| plan | runs | trained | copied from another plan | to do | run time so far | "
+             "estimated run time left | command |", "|---|---|---|---|---|---|---|---|"]
+    total, left = 0.0, 0.0
+    for plan in plans:
+        p = plan_progress(plan, runs_dir)
+        total += p["hours"]
+        left += p["left_hours"]
+        lines.append(f"| {plan.name} | {len(plan.runs)} | {p['trained']} | {p['copied']} | {p['todo']} | "
+                     f"{p['hours']:.2f} h | {p['left_hours']:.2f} h | "
+                     f"`linrec selectivbench sweep {plan.source} --out {runs_dir}` |")
+    lines += ["", f"Run time so far {total:.2f} h; estimated left {left:.2f} h of run time (from the "
+              "measured step times; runs that a later plan can copy count in full), "
+              f"about {left / 2:.2f} h of wall time on 2 workers.", ""]
+    return lines
+
+
 def page(records, duplicates, claim_list, written, runs_dir: Path, plans: Sequence = ()) -> str:
     """The results page (Markdown): header, plans, sweeps, verdicts, one section per claim, every
     cell."""
@@ -605,13 +642,7 @@ def page(records, duplicates, claim_list, written, runs_dir: Path, plans: Sequen
     lines += [f"Made by `linrec selectivbench report {runs_dir} --out <this folder>` from "
               f"{len(records)} finished runs ({hours:.2f} h of run time in all); {_versions()}.", ""]
     if plans:
-        lines += ["| plan | runs done | of | command |", "|---|---|---|---|"]
-        done_names = {(r.plan, r.run) for r in records} | {tuple(d.split(" ")[0].split("/", 1)) for d in duplicates}
-        for plan in plans:
-            n_done = sum((plan.name, run.name) in done_names for run in plan.runs)
-            lines.append(f"| {plan.name} | {n_done} | {len(plan.runs)} | "
-                         f"`linrec selectivbench sweep {plan.source} --out {runs_dir}` |")
-        lines.append("")
+        lines += plan_table_lines(plans, runs_dir)
     log = _sweep_log(runs_dir)
     if log:
         lines += ["Sweeps (wall time against the sum of run times / workers; Dask's overhead is their ratio):", "",
