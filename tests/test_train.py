@@ -137,7 +137,10 @@ def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
            "--amb", "6", "--model", "gla", "--d-model", "8", "--layers", "1", "--steps", "400",
            "--batch-size", "4", "--eval-every", "400", "--eval-samples", "8", "--warmup", "1",
            "--out", str(tmp_path), "--no-progress"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a shell that starts the suite in the background hands it SIGINT ignored, and Python then
+    # never installs its Ctrl-C handler in the child: give the child the default disposition
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     run = tmp_path / "t1-small-amb6-gla-d8-l1-s1"
     deadline = time.time() + 240
     while not (run / "checkpoint.npz").exists() and time.time() < deadline and p.poll() is None:
