@@ -121,7 +121,7 @@ assert [c.ok for c in bug3.values()] == [r != "hard_reset" for r in regimes]
 assert bug3["hard_reset"].actual_nonfinite.count > 0
 
 # %%
-# Where is the error? A picture of |difference| over (time, channel) often says at once: an
+# Where is the error? A picture of the absolute difference over (time, channel) often says at once: an
 # off-by-one is spread over every step, a float32 state starts at the first chunk boundary.
 import matplotlib.pyplot as plt
 

@@ -618,6 +618,7 @@ def plan_progress(plan, runs_dir: Path) -> dict:
 
 
 def plan_table_lines(plans, runs_dir: Path) -> List[str]:
+    """The page's table of plans (``plan_progress`` of each) and the total hours line."""
     lines = ["| plan | runs | trained | copied from another plan | to do | run time so far | "
              "estimated run time left | command |", "|---|---|---|---|---|---|---|---|"]
     total, left = 0.0, 0.0
