@@ -621,14 +621,20 @@ def plan_table_lines(plans, runs_dir: Path) -> List[str]:
     """The page's table of plans (``plan_progress`` of each) and the total hours line."""
     lines = ["| plan | runs | trained | copied from another plan | to do | run time so far | "
              "estimated run time left | command |", "|---|---|---|---|---|---|---|---|"]
-    total, left = 0.0, 0.0
+    total, left, n_runs, n_todo = 0.0, 0.0, 0, 0
     for plan in plans:
         p = plan_progress(plan, runs_dir)
         total += p["hours"]
         left += p["left_hours"]
+        n_runs += len(plan.runs)
+        n_todo += p["todo"]
         lines.append(f"| {plan.name} | {len(plan.runs)} | {p['trained']} | {p['copied']} | {p['todo']} | "
                      f"{p['hours']:.2f} h | {p['left_hours']:.2f} h | "
                      f"`linrec selectivbench sweep {plan.source} --out {runs_dir}` |")
+    if n_todo:
+        lines = [f"**A partial run: {n_runs - n_todo} of the plans' {n_runs} runs are done.** The "
+                 "verdicts below are those of the runs done; a comparison whose runs are missing says "
+                 "\"not run\". The same commands finish the rest (finished runs are kept).", ""] + lines
     lines += ["", f"Run time so far {total:.2f} h; estimated left {left:.2f} h of run time (from the "
               "measured step times; runs that a later plan can copy count in full), "
               f"about {left / 2:.2f} h of wall time on 2 workers.", ""]
