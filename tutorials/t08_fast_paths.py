@@ -26,7 +26,7 @@ from linrec_ref import backends, testing
 
 QUICK = os.environ.get("LINREC_TUTORIAL_QUICK") == "1"
 print("backends available:", backends.available(), "; auto means", backends.resolved_name("auto"))
-have_numba = "numba" in backends.available()
+have_numba = backends.numba_installed()             # registered is not installed
 have_cupy = "cupy" in backends.available()
 
 # %%
