@@ -139,6 +139,18 @@ def test_cross_entropy_is_mean_nll_over_real_steps_and_stable():
     assert metrics.cross_entropy(sharp, np.array([[2]]), np.array([[True]])) == 0.0
 
 
+def random_batch(rng, n_samples, max_elements, max_steps, n_labels):
+    """A collated batch of random samples (1..max_elements elements of 1..max_steps steps, labels
+    in [0, n_labels), C = n_labels input classes) and random logits [B, T, n_labels]."""
+    samples = []
+    for _ in range(n_samples):
+        n_el = int(rng.integers(1, max_elements + 1))
+        samples.append(make_sample(rng.integers(1, max_steps + 1, n_el), rng.integers(0, n_labels, n_el),
+                                   C=n_labels))
+    batch = batching.collate(samples)
+    return batch, 2.0 * rng.standard_normal((n_samples, batch.n_steps, n_labels))
+
+
 def pooled_accuracy_slow(logits, batch):
     """selectivbench.md section 5, literally: per sample, per element, sum softmax over its steps, argmax vs label."""
     right = total = 0
@@ -156,12 +168,7 @@ def pooled_accuracy_slow(logits, batch):
 def test_pooled_accuracy_matches_literal_definition_on_random_batches():
     rng = np.random.default_rng(1)
     for _ in range(5):
-        samples = []
-        for _ in range(4):
-            n_el = int(rng.integers(1, 8))
-            samples.append(make_sample(rng.integers(1, 4, n_el), rng.integers(0, 6, n_el), C=6))
-        batch = batching.collate(samples)
-        logits = 2.0 * rng.standard_normal((4, batch.n_steps, 6))
+        batch, logits = random_batch(rng, n_samples=4, max_elements=7, max_steps=3, n_labels=6)
         assert metrics.pooled_accuracy(logits, batch, return_counts=True) == pooled_accuracy_slow(logits, batch)
 
 
@@ -240,12 +247,7 @@ def test_after_reset_accuracy_matches_literal_definition():
     counted = 0
     for window in (1, 2, 5):
         for _ in range(5):
-            samples = []
-            for _ in range(3):
-                n_el = int(rng.integers(1, 14))
-                samples.append(make_sample(rng.integers(1, 3, n_el), rng.integers(0, 4, n_el), C=4))
-            batch = batching.collate(samples)
-            logits = 2.0 * rng.standard_normal((3, batch.n_steps, 4))
+            batch, logits = random_batch(rng, n_samples=3, max_elements=13, max_steps=2, n_labels=4)
             got = metrics.after_reset_accuracy(logits, batch, window, return_counts=True)
             assert got == after_reset_slow(logits, batch, window)
             counted += got[1]
